@@ -1,0 +1,14 @@
+//! Belfry's cluster state: the bus envelope every node and publisher agrees on,
+//! the `Bus` and `PresenceStore` seams the edge node is written against, and
+//! their in-process implementations for the single-node default.
+//!
+//! The Redis implementations and the `belfry-coordinator` daemon live here too,
+//! so that every byte layout in Redis has exactly one owner.
+
+pub mod bus;
+pub mod envelope;
+pub mod presence;
+
+pub use bus::{is_cache_channel, Bus, BusError, CacheTtl, Delivery, LocalBus};
+pub use envelope::{Envelope, EnvelopeKind, ENVELOPE_VERSION};
+pub use presence::{MemoryPresence, PresenceError, PresenceMember, PresenceStore};

@@ -1,0 +1,361 @@
+//! Configuration: one typed struct with its defaults, loaded from a TOML
+//! file, then environment variables (Belfry's own and Laravel Reverb's),
+//! then the command line, each overriding the one before.
+//!
+//! A bad file is refused at start with a message naming the field; with no
+//! configuration at all the node serves one development app.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Command line. Every flag has a `BELFRY_*` variable too.
+#[derive(Debug, Default, Clone, clap::Parser)]
+#[command(
+    name = "belfry-node",
+    version,
+    about = "Belfry edge node: a Pusher protocol 7 WebSocket server and HTTP API, drop-in for Laravel Reverb.",
+    after_help = "Reverb's REVERB_APP_ID, REVERB_APP_KEY, REVERB_APP_SECRET, REVERB_SERVER_HOST and \
+REVERB_SERVER_PORT are read too, so a Laravel .env starts it unchanged. With no configuration it \
+serves one development app and prints its credentials. See docs/configuration.md."
+)]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, env = "BELFRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on for WebSockets and the HTTP API [default: 127.0.0.1].
+    #[arg(long, env = "BELFRY_HOST")]
+    pub host: Option<String>,
+    /// Port for WebSockets and the HTTP API [default: 8080].
+    #[arg(long, env = "BELFRY_PORT")]
+    pub port: Option<u16>,
+    /// Port for /metrics, /healthz and /readyz; 0 turns it off [default: 9601].
+    #[arg(long, env = "BELFRY_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+    /// Redis URL; switches the node to cluster mode (redis:// or redis-cluster://).
+    #[arg(long, env = "BELFRY_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Path prefix in front of /app and /apps, e.g. /ws.
+    #[arg(long, env = "BELFRY_PATH_PREFIX")]
+    pub path_prefix: Option<String>,
+    /// Log format: "pretty" for development, "json" for production.
+    #[arg(long, env = "BELFRY_LOG_FORMAT", default_value = "pretty")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+/// Who may send client events (`client-*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientEvents {
+    /// Any subscriber, on public channels too (Reverb's `all`).
+    All,
+    /// Subscribers of private and presence channels only (Pusher).
+    #[default]
+    Members,
+    /// Nobody.
+    None,
+}
+
+/// One application: its credentials and limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppConfig {
+    pub id: String,
+    pub key: String,
+    pub secret: String,
+    /// Origins allowed to connect; host patterns such as `*.example.com`, or `*`.
+    pub allowed_origins: Vec<String>,
+    /// Connections for this app; 0 means no limit. Over it: 4004.
+    pub max_connections: usize,
+    pub client_events: ClientEvents,
+    /// Seconds of silence after which the server pings; sent to clients too.
+    pub activity_timeout: u64,
+    /// Seconds to wait for any reply to a server ping before closing with 4201.
+    pub pong_timeout: u64,
+    /// Largest WebSocket message accepted from a client; larger closes with 1009.
+    pub max_message_bytes: usize,
+    /// Largest event `data` accepted by the HTTP API (413 over it).
+    pub max_payload_bytes: usize,
+    pub max_channels_per_trigger: usize,
+    pub max_batch_size: usize,
+    pub max_presence_members: usize,
+    pub max_user_info_bytes: usize,
+    /// Client events per connection per second; over it: 4301.
+    pub client_event_rate: u32,
+    /// How long a cache channel keeps its last event.
+    pub cache_ttl_secs: u64,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            key: String::new(),
+            secret: String::new(),
+            allowed_origins: vec!["*".into()],
+            max_connections: 0,
+            client_events: ClientEvents::Members,
+            activity_timeout: 30,
+            pong_timeout: 30,
+            max_message_bytes: 10_240,
+            max_payload_bytes: 10_240,
+            max_channels_per_trigger: 100,
+            max_batch_size: 10,
+            max_presence_members: 100,
+            max_user_info_bytes: 1_024,
+            client_event_rate: 10,
+            cache_ttl_secs: 1_800,
+        }
+    }
+}
+
+/// The whole node configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    /// 0 turns the metrics listener off.
+    pub metrics_port: u16,
+    pub path_prefix: String,
+    /// Cluster mode when set.
+    pub redis_url: Option<String>,
+    /// Node-wide connection ceiling (admission control); 0 means none. Over it: 4100.
+    pub max_connections: usize,
+    /// Refuse new connections (4100) while the process's resident memory is above this; 0 means none.
+    pub max_memory_mb: u64,
+    /// Per-connection send queue, in frames; a client that falls this far behind is closed with 4100.
+    pub send_queue_frames: usize,
+    /// Seconds between SIGTERM and the process exiting, at most.
+    pub shutdown_grace_secs: u64,
+    /// Seconds readiness fails before clients are closed, so load balancers stop sending new ones.
+    pub drain_delay_secs: u64,
+    pub apps: Vec<AppConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            metrics_port: 9601,
+            path_prefix: String::new(),
+            redis_url: None,
+            max_connections: 0,
+            max_memory_mb: 0,
+            send_queue_frames: 1_024,
+            shutdown_grace_secs: 25,
+            drain_delay_secs: 1,
+            apps: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The development app served when nothing else is configured.
+pub const DEV_APP: (&str, &str, &str) = ("belfry", "belfry-key", "belfry-secret");
+
+impl Config {
+    /// Builds the configuration from file, environment and command line.
+    /// `env` is a lookup so tests need not touch the process environment.
+    pub fn load(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut config = match &cli.config {
+            Some(path) => Self::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(host) = env("REVERB_SERVER_HOST") {
+            config.host = host;
+        }
+        if let Some(port) = env("REVERB_SERVER_PORT") {
+            config.port = port
+                .parse()
+                .map_err(|_| ConfigError::Invalid(format!("REVERB_SERVER_PORT: not a port: {port}")))?;
+        }
+        if config.apps.is_empty() {
+            if let (Some(id), Some(key), Some(secret)) =
+                (env("REVERB_APP_ID"), env("REVERB_APP_KEY"), env("REVERB_APP_SECRET"))
+            {
+                config.apps.push(AppConfig {
+                    id,
+                    key,
+                    secret,
+                    ..AppConfig::default()
+                });
+            }
+        }
+        if let Some(host) = &cli.host {
+            config.host = host.clone();
+        }
+        if let Some(port) = cli.port {
+            config.port = port;
+        }
+        if let Some(port) = cli.metrics_port {
+            config.metrics_port = port;
+        }
+        if let Some(url) = &cli.redis_url {
+            config.redis_url = Some(url.clone());
+        }
+        if let Some(prefix) = &cli.path_prefix {
+            config.path_prefix = prefix.clone();
+        }
+        config.path_prefix = normalize_prefix(&config.path_prefix);
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// True when the development app is being served because nothing was configured.
+    pub fn uses_dev_app(&self) -> bool {
+        self.apps.len() == 1 && self.apps[0].id == DEV_APP.0 && self.apps[0].secret == DEV_APP.2
+    }
+
+    fn validate(&mut self) -> Result<(), ConfigError> {
+        if self.apps.is_empty() {
+            self.apps.push(AppConfig {
+                id: DEV_APP.0.into(),
+                key: DEV_APP.1.into(),
+                secret: DEV_APP.2.into(),
+                ..AppConfig::default()
+            });
+        }
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        for (i, app) in self.apps.iter().enumerate() {
+            for (field, value) in [("id", &app.id), ("key", &app.key), ("secret", &app.secret)] {
+                if value.is_empty() {
+                    return invalid(format!("apps[{i}].{field} must not be empty"));
+                }
+            }
+            if app.key.contains('/') || app.id.contains('/') {
+                return invalid(format!("apps[{i}]: id and key must not contain '/'"));
+            }
+            if app.activity_timeout == 0 {
+                return invalid(format!("apps[{i}].activity_timeout must be at least 1 second"));
+            }
+            if app.pong_timeout == 0 {
+                return invalid(format!("apps[{i}].pong_timeout must be at least 1 second"));
+            }
+            if app.max_message_bytes < 128 {
+                return invalid(format!("apps[{i}].max_message_bytes must be at least 128"));
+            }
+            for (j, other) in self.apps.iter().enumerate().skip(i + 1) {
+                if other.id == app.id {
+                    return invalid(format!("apps[{j}].id duplicates apps[{i}].id ({})", app.id));
+                }
+                if other.key == app.key {
+                    return invalid(format!("apps[{j}].key duplicates apps[{i}].key"));
+                }
+            }
+        }
+        if self.send_queue_frames == 0 {
+            return invalid("send_queue_frames must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// "/ws/" and "ws" both become "/ws"; "" and "/" become "".
+fn normalize_prefix(prefix: &str) -> String {
+    let trimmed = prefix.trim_matches('/');
+    if trimmed.is_empty() {
+        String::new()
+    } else {
+        format!("/{trimmed}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn nothing_configured_serves_the_dev_app_locally() {
+        let config = Config::load(&Cli::default(), &no_env).unwrap();
+        assert_eq!(config.host, "127.0.0.1");
+        assert_eq!(config.port, 8080);
+        assert!(config.uses_dev_app());
+    }
+
+    #[test]
+    fn reverb_env_starts_a_laravel_app_unchanged() {
+        let env = |name: &str| match name {
+            "REVERB_APP_ID" => Some("123".to_owned()),
+            "REVERB_APP_KEY" => Some("k".to_owned()),
+            "REVERB_APP_SECRET" => Some("s".to_owned()),
+            "REVERB_SERVER_PORT" => Some("6001".to_owned()),
+            "REVERB_SERVER_HOST" => Some("0.0.0.0".to_owned()),
+            _ => None,
+        };
+        let config = Config::load(&Cli::default(), &env).unwrap();
+        assert_eq!(config.port, 6001);
+        assert_eq!(config.host, "0.0.0.0");
+        assert_eq!(config.apps[0].id, "123");
+        assert!(!config.uses_dev_app());
+    }
+
+    #[test]
+    fn command_line_beats_environment() {
+        let env = |name: &str| (name == "REVERB_SERVER_PORT").then(|| "6001".to_owned());
+        let cli = Cli {
+            port: Some(7000),
+            path_prefix: Some("ws/".into()),
+            ..Cli::default()
+        };
+        let config = Config::load(&cli, &env).unwrap();
+        assert_eq!(config.port, 7000);
+        assert_eq!(config.path_prefix, "/ws");
+    }
+
+    #[test]
+    fn a_bad_field_is_named() {
+        let err = Config::from_toml("[[apps]]\nid = \"a\"\nkey = \"k\"\nsecret = \"s\"\nmax_conections = 5\n")
+            .unwrap_err();
+        assert!(err.contains("max_conections"), "{err}");
+        let err = Config::from_toml("port = \"eighty\"").unwrap_err();
+        assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn app_fields_default_and_empty_secret_is_refused() {
+        let mut config = Config::from_toml("[[apps]]\nid = \"a\"\nkey = \"k\"\nsecret = \"\"\n").unwrap();
+        assert_eq!(config.apps[0].max_batch_size, 10);
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("apps[0].secret"), "{err}");
+    }
+}

@@ -1,0 +1,99 @@
+//! `belfry-node`: load the configuration, start the listeners, and drain
+//! gracefully on SIGTERM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use belfry_node::config::{Cli, Config};
+use belfry_node::node::Node;
+use belfry_node::{server, shutdown, telemetry};
+use clap::Parser;
+use tokio::net::TcpListener;
+
+fn main() {
+    let cli = Cli::parse();
+    telemetry::init_logging(cli.log_format);
+    let config = match Config::load(&cli, &|name| std::env::var(name).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("belfry-node: {e}");
+            std::process::exit(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
+    let result = runtime
+        .context("cannot start the async runtime")
+        .and_then(|rt| rt.block_on(run(config)));
+    if let Err(e) = result {
+        eprintln!("belfry-node: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let prometheus = telemetry::install_recorder();
+    if config.redis_url.is_some() {
+        anyhow::bail!("cluster mode (--redis-url) is not available in this build yet");
+    }
+    let node = Node::embedded(config);
+    let config = &node.config;
+
+    let address = format!("{}:{}", config.host, config.port);
+    let listener = TcpListener::bind(&address)
+        .await
+        .with_context(|| format!("cannot listen on {address}"))?;
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(server::serve(node.clone(), listener, server::main_handler));
+    if config.metrics_port != 0 {
+        let address = format!("{}:{}", config.host, config.metrics_port);
+        let metrics = TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {address}"))?;
+        servers.spawn(server::serve(node.clone(), metrics, server::metrics_handler(prometheus)));
+    }
+    telemetry::ready(true, false);
+    announce(&node);
+
+    shutdown::signal().await;
+    drain(&node).await;
+    servers.shutdown().await;
+    Ok(())
+}
+
+fn announce(node: &Arc<Node>) {
+    let c = &node.config;
+    let metrics = if c.metrics_port == 0 { "off".to_owned() } else { format!("{}:{}", c.host, c.metrics_port) };
+    tracing::info!(
+        "belfry-node listening on {}:{} (metrics {metrics}, {} app(s), embedded bus)",
+        c.host,
+        c.port,
+        c.apps.len()
+    );
+    if c.uses_dev_app() {
+        let app = &c.apps[0];
+        eprintln!(
+            "\nDevelopment app (no configuration given):\n  REVERB_APP_ID={}\n  REVERB_APP_KEY={}\n  REVERB_APP_SECRET={}\n  REVERB_HOST={}\n  REVERB_PORT={}\n",
+            app.id, app.key, app.secret, c.host, c.port
+        );
+    }
+}
+
+/// Readiness fails, clients are told to reconnect elsewhere, and the process
+/// exits once they are gone or the grace period ends.
+async fn drain(node: &Arc<Node>) {
+    let grace = Duration::from_secs(node.config.shutdown_grace_secs);
+    let deadline = tokio::time::Instant::now() + grace;
+    node.shutdown.begin_drain();
+    telemetry::ready(false, true);
+    tracing::info!("SIGTERM: draining (readiness now fails)");
+    let delay = Duration::from_secs(node.config.drain_delay_secs).min(grace / 2);
+    tokio::time::sleep(delay).await;
+    let closing = node.close_all_for_shutdown();
+    tracing::info!(connections = closing, "closing connections with 4200");
+    node.tasks.close();
+    if tokio::time::timeout_at(deadline, node.tasks.wait()).await.is_err() {
+        tracing::warn!("grace period over with connections still open; exiting");
+    }
+    node.shutdown.stop_accepting();
+}

@@ -1,0 +1,529 @@
+//! One connection's protocol state, without the socket: it takes the client's
+//! frames and returns `Action`s (frames to send back, subscriptions to make,
+//! events to publish) for the connection task to carry out.
+//!
+//! Everything a client can get wrong is decided here (auth, channel rules,
+//! client-event policy and rate), so it is all unit-tested without a network.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use belfry_coordinator::PresenceMember;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use super::auth;
+use super::channel::{ChannelKind, ChannelName};
+use super::code;
+use super::frame::{self, ClientMessage, Encode};
+use super::SocketId;
+use crate::config::{AppConfig, ClientEvents};
+
+/// Watchlists above this size are refused with 4302 (Pusher's limit).
+pub const MAX_WATCHLIST: usize = 100;
+
+#[derive(Debug)]
+pub enum Action {
+    /// Send this frame to this client.
+    Send(Utf8Bytes),
+    /// Join `channel`; for presence, as `member`. The connection answers with
+    /// `subscription_succeeded` once the subscription is in place.
+    Subscribe {
+        channel: ChannelName,
+        member: Option<PresenceMember>,
+    },
+    /// Leave `channel`.
+    Unsubscribe { channel: ChannelName, presence: bool },
+    /// Publish a client event to every other subscriber.
+    ClientEvent {
+        channel: ChannelName,
+        event: String,
+        data: String,
+        user_id: Option<String>,
+    },
+    /// The connection now belongs to this user (`pusher:signin`); a second
+    /// signin replaces the `previous` user.
+    SignedIn {
+        user_id: String,
+        previous: Option<String>,
+    },
+}
+
+/// What the session remembers about one joined channel.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    /// The presence user this connection joined as.
+    pub presence_user: Option<String>,
+}
+
+/// Client events allowed per second, refilled continuously.
+#[derive(Debug)]
+struct RateLimit {
+    per_second: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(per_second: u32, now: Instant) -> Self {
+        Self {
+            per_second: per_second as f64,
+            tokens: per_second as f64,
+            last: now,
+        }
+    }
+
+    fn allow(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.per_second);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+pub struct Session {
+    socket_id: String,
+    app: Arc<AppConfig>,
+    channels: HashMap<ChannelName, Joined>,
+    user_id: Option<String>,
+    rate: RateLimit,
+    rate_limited: u64,
+}
+
+/// The string form and JSON text of a presence `user_id`, which may be a
+/// string or a number.
+fn user_id_of(value: &serde_json::Value) -> Option<(String, String)> {
+    match value {
+        serde_json::Value::String(s) if !s.is_empty() => Some((s.clone(), value.to_string())),
+        serde_json::Value::Number(n) => Some((n.to_string(), n.to_string())),
+        _ => None,
+    }
+}
+
+impl Session {
+    pub fn new(socket_id: SocketId, app: Arc<AppConfig>, now: Instant) -> Self {
+        let rate = RateLimit::new(app.client_event_rate, now);
+        Self {
+            socket_id: socket_id.to_string(),
+            app,
+            channels: HashMap::new(),
+            user_id: None,
+            rate,
+            rate_limited: 0,
+        }
+    }
+
+    /// Client events refused by the rate limit so far.
+    pub fn rate_limited(&self) -> u64 {
+        self.rate_limited
+    }
+
+    pub fn user_id(&self) -> Option<&str> {
+        self.user_id.as_deref()
+    }
+
+    /// Channels joined (or being joined), for cleanup when the socket closes.
+    pub fn take_channels(&mut self) -> Vec<(ChannelName, Joined)> {
+        self.channels.drain().collect()
+    }
+
+    /// The connection could not complete a subscription (presence full, bus down).
+    pub fn subscription_failed(&mut self, channel: &ChannelName) {
+        self.channels.remove(channel);
+    }
+
+    pub fn on_text(&mut self, text: &str, now: Instant) -> Vec<Action> {
+        match frame::parse(text) {
+            Ok(message) => self.on_message(message, now),
+            Err(e) => vec![Action::Send(Encode::error(None, &e.to_string()))],
+        }
+    }
+
+    fn on_message(&mut self, message: ClientMessage, now: Instant) -> Vec<Action> {
+        match message {
+            ClientMessage::Ping => vec![Action::Send(Encode::pong())],
+            ClientMessage::Pong => Vec::new(),
+            ClientMessage::Subscribe {
+                channel,
+                auth,
+                channel_data,
+            } => self.subscribe(&channel, auth.as_deref(), channel_data.as_deref()),
+            ClientMessage::Unsubscribe { channel } => self.unsubscribe(&channel),
+            ClientMessage::Signin { auth, user_data } => self.signin(&auth, &user_data),
+            ClientMessage::ClientEvent { event, channel, data } => self.client_event(event, &channel, data, now),
+            ClientMessage::Unknown(event) => vec![Action::Send(Encode::error(
+                None,
+                &format!("Unsupported event: {event}"),
+            ))],
+        }
+    }
+
+    fn subscribe(&mut self, name: &str, auth: Option<&str>, channel_data: Option<&str>) -> Vec<Action> {
+        let refuse = |code: u16, status: u16, message: String| {
+            vec![Action::Send(Encode::subscription_error(name, code, &message, status))]
+        };
+        let channel = match ChannelName::parse(name) {
+            Ok(c) => c,
+            Err(e) => return refuse(code::UNAUTHORIZED, 400, format!("Invalid channel name: {e}")),
+        };
+        if self.channels.contains_key(&channel) {
+            // pusher-js re-subscribes after a reconnect only; a duplicate on the
+            // same socket changes nothing.
+            return Vec::new();
+        }
+        let kind = channel.kind();
+        if kind == ChannelKind::ServerToUser && channel.server_to_user_id() != self.user_id.as_deref() {
+            return refuse(
+                code::UNAUTHORIZED,
+                403,
+                "Only the signed-in user may join their #server-to-user channel".into(),
+            );
+        }
+        let presence_data = if kind == ChannelKind::Presence { channel_data } else { None };
+        if channel.needs_auth() {
+            let message = auth::channel_message(&self.socket_id, name, presence_data);
+            if !auth.is_some_and(|a| auth::verify_key_signature(&self.app.key, &self.app.secret, &message, a)) {
+                return refuse(code::UNAUTHORIZED, 401, format!("Invalid signature for channel {name}"));
+            }
+        }
+        let member = if kind == ChannelKind::Presence {
+            match self.presence_member(channel_data) {
+                Ok(m) => Some(m),
+                Err(message) => return refuse(code::UNAUTHORIZED, 400, message),
+            }
+        } else {
+            None
+        };
+        self.channels.insert(
+            channel.clone(),
+            Joined {
+                presence_user: member.as_ref().map(|m| m.user_id.clone()),
+            },
+        );
+        vec![Action::Subscribe { channel, member }]
+    }
+
+    fn presence_member(&self, channel_data: Option<&str>) -> Result<PresenceMember, String> {
+        let data = channel_data.ok_or("Presence channels need channel_data")?;
+        let value: serde_json::Value =
+            serde_json::from_str(data).map_err(|e| format!("channel_data is not JSON: {e}"))?;
+        let (user_id, user_id_json) = value
+            .get("user_id")
+            .and_then(user_id_of)
+            .ok_or("channel_data needs a user_id (string or number)")?;
+        let user_info = match value.get("user_info") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(info) => {
+                let text = info.to_string();
+                if text.len() > self.app.max_user_info_bytes {
+                    return Err(format!(
+                        "user_info is larger than {} bytes",
+                        self.app.max_user_info_bytes
+                    ));
+                }
+                Some(text)
+            }
+        };
+        Ok(PresenceMember {
+            user_id,
+            user_id_json,
+            user_info,
+        })
+    }
+
+    fn unsubscribe(&mut self, name: &str) -> Vec<Action> {
+        let Ok(channel) = ChannelName::parse(name) else {
+            return Vec::new();
+        };
+        match self.channels.remove(&channel) {
+            Some(joined) => vec![Action::Unsubscribe {
+                channel,
+                presence: joined.presence_user.is_some(),
+            }],
+            None => Vec::new(),
+        }
+    }
+
+    fn signin(&mut self, auth: &str, user_data: &str) -> Vec<Action> {
+        let error = |code: u16, message: &str| vec![Action::Send(Encode::error(Some(code), message))];
+        let message = auth::signin_message(&self.socket_id, user_data);
+        if !auth::verify_key_signature(&self.app.key, &self.app.secret, &message, auth) {
+            return error(code::UNAUTHORIZED, "Invalid signin signature");
+        }
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(user_data) else {
+            return error(code::UNAUTHORIZED, "user_data is not JSON");
+        };
+        let Some((user_id, _)) = value.get("id").and_then(user_id_of) else {
+            return error(code::UNAUTHORIZED, "user_data needs an id");
+        };
+        if value
+            .get("watchlist")
+            .and_then(|w| w.as_array())
+            .is_some_and(|w| w.len() > MAX_WATCHLIST)
+        {
+            return error(code::WATCHLIST_LIMIT, "Watchlist is longer than 100 users");
+        }
+        let previous = self.user_id.replace(user_id.clone());
+        vec![
+            Action::Send(Encode::signin_success(user_data)),
+            Action::SignedIn { user_id, previous },
+        ]
+    }
+
+    fn client_event(&mut self, event: String, name: &str, data: String, now: Instant) -> Vec<Action> {
+        let refuse = |message: String| vec![Action::Send(Encode::error(Some(code::UNAUTHORIZED), &message))];
+        let Ok(channel) = ChannelName::parse(name) else {
+            return refuse(format!("Invalid channel name {name:?}"));
+        };
+        let Some(joined) = self.channels.get(&channel) else {
+            return refuse(format!("Client event on {name}, which this connection has not joined"));
+        };
+        let allowed = match (self.app.client_events, channel.kind()) {
+            (ClientEvents::None, _) => false,
+            (_, ChannelKind::PrivateEncrypted | ChannelKind::ServerToUser) => false,
+            (_, ChannelKind::Private | ChannelKind::Presence) => true,
+            (ClientEvents::All, ChannelKind::Public) => true,
+            (ClientEvents::Members, ChannelKind::Public) => false,
+        };
+        if !allowed {
+            return refuse(format!("Client events are not allowed on {name}"));
+        }
+        let user_id = joined.presence_user.clone();
+        if !self.rate.allow(now) {
+            self.rate_limited += 1;
+            return vec![Action::Send(Encode::error(
+                Some(code::CLIENT_EVENT_RATE),
+                &format!(
+                    "Client event rate limit exceeded: at most {} per second",
+                    self.app.client_event_rate
+                ),
+            ))];
+        }
+        vec![Action::ClientEvent {
+            channel,
+            event,
+            data,
+            user_id,
+        }]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn app(policy: ClientEvents) -> Arc<AppConfig> {
+        Arc::new(AppConfig {
+            id: "1".into(),
+            key: "key".into(),
+            secret: "secret".into(),
+            client_events: policy,
+            ..AppConfig::default()
+        })
+    }
+
+    fn session() -> Session {
+        Session::new(SocketId(1, 2), app(ClientEvents::Members), Instant::now())
+    }
+
+    fn sent(actions: &[Action]) -> Vec<serde_json::Value> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(b) => Some(serde_json::from_str(b.as_str()).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn subscribe_frame(channel: &str, auth: Option<String>, channel_data: Option<&str>) -> String {
+        serde_json::json!({"event":"pusher:subscribe","data":{"channel":channel,"auth":auth,"channel_data":channel_data}})
+            .to_string()
+    }
+
+    fn sign(msg: &str) -> String {
+        format!("key:{}", auth::sign("secret", msg))
+    }
+
+    #[test]
+    fn public_subscribe_needs_no_auth() {
+        let mut s = session();
+        let actions = s.on_text(&subscribe_frame("orders", None, None), Instant::now());
+        assert!(matches!(&actions[..], [Action::Subscribe { member: None, .. }]));
+        // A second subscribe on the same socket does nothing.
+        assert!(s.on_text(&subscribe_frame("orders", None, None), Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn private_subscribe_checks_the_signature() {
+        let mut s = session();
+        let bad = s.on_text(&subscribe_frame("private-a", Some("key:00".into()), None), Instant::now());
+        let frames = sent(&bad);
+        assert_eq!(frames[0]["event"], "pusher:subscription_error");
+        assert_eq!(frames[0]["data"]["status"], 401);
+        let good = s.on_text(
+            &subscribe_frame("private-a", Some(sign("1.2:private-a")), None),
+            Instant::now(),
+        );
+        assert!(matches!(&good[..], [Action::Subscribe { .. }]));
+        // Another app's key with a valid signature for this secret is still refused.
+        let other = format!("other:{}", auth::sign("secret", "1.2:private-b"));
+        let refused = s.on_text(&subscribe_frame("private-b", Some(other), None), Instant::now());
+        assert_eq!(sent(&refused)[0]["event"], "pusher:subscription_error");
+    }
+
+    #[test]
+    fn presence_subscribe_signs_channel_data_and_keeps_the_id_type() {
+        let mut s = session();
+        let data = r#"{"user_id":42,"user_info":{"name":"Ada"}}"#;
+        let actions = s.on_text(
+            &subscribe_frame("presence-room", Some(sign(&format!("1.2:presence-room:{data}"))), Some(data)),
+            Instant::now(),
+        );
+        match &actions[..] {
+            [Action::Subscribe { member: Some(m), .. }] => {
+                assert_eq!(m.user_id, "42");
+                assert_eq!(m.user_id_json, "42");
+                assert_eq!(m.user_info.as_deref(), Some(r#"{"name":"Ada"}"#));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Signed without channel_data: refused.
+        let actions = s.on_text(
+            &subscribe_frame("presence-b", Some(sign("1.2:presence-b")), Some(data)),
+            Instant::now(),
+        );
+        assert_eq!(sent(&actions)[0]["event"], "pusher:subscription_error");
+    }
+
+    #[test]
+    fn oversized_user_info_is_refused() {
+        let mut s = session();
+        let data = format!(r#"{{"user_id":"u","user_info":"{}"}}"#, "x".repeat(2000));
+        let actions = s.on_text(
+            &subscribe_frame("presence-r", Some(sign(&format!("1.2:presence-r:{data}"))), Some(&data)),
+            Instant::now(),
+        );
+        assert!(sent(&actions)[0]["data"]["message"].as_str().unwrap().contains("user_info"));
+    }
+
+    #[test]
+    fn invalid_channel_names_get_a_subscription_error() {
+        let mut s = session();
+        let frames = sent(&s.on_text(&subscribe_frame("bad name!", None, None), Instant::now()));
+        assert_eq!(frames[0]["event"], "pusher:subscription_error");
+        assert_eq!(frames[0]["channel"], "bad name!");
+    }
+
+    #[test]
+    fn server_to_user_is_only_for_that_user() {
+        let mut s = session();
+        let frames = sent(&s.on_text(&subscribe_frame("#server-to-user-7", None, None), Instant::now()));
+        assert_eq!(frames[0]["data"]["status"], 403);
+        let user_data = r#"{"id":"7"}"#;
+        let signin = serde_json::json!({"event":"pusher:signin","data":{"auth":sign(&format!("1.2::user::{user_data}")),"user_data":user_data}}).to_string();
+        let actions = s.on_text(&signin, Instant::now());
+        assert_eq!(sent(&actions)[0]["event"], "pusher:signin_success");
+        assert!(matches!(&actions[1], Action::SignedIn { user_id, previous: None } if user_id == "7"));
+        let ok = s.on_text(&subscribe_frame("#server-to-user-7", None, None), Instant::now());
+        assert!(matches!(&ok[..], [Action::Subscribe { .. }]));
+        let frames = sent(&s.on_text(&subscribe_frame("#server-to-user-8", None, None), Instant::now()));
+        assert_eq!(frames[0]["event"], "pusher:subscription_error");
+    }
+
+    #[test]
+    fn signin_with_a_bad_signature_or_long_watchlist_is_refused() {
+        let mut s = session();
+        let frames = sent(&s.on_text(
+            r#"{"event":"pusher:signin","data":{"auth":"key:00","user_data":"{\"id\":\"1\"}"}}"#,
+            Instant::now(),
+        ));
+        assert_eq!(frames[0]["data"]["code"], 4009);
+        let ids: Vec<String> = (0..101).map(|i| i.to_string()).collect();
+        let user_data = serde_json::json!({"id":"1","watchlist":ids}).to_string();
+        let signin = serde_json::json!({"event":"pusher:signin","data":{"auth":sign(&format!("1.2::user::{user_data}")),"user_data":user_data}}).to_string();
+        assert_eq!(sent(&s.on_text(&signin, Instant::now()))[0]["data"]["code"], 4302);
+        assert_eq!(s.user_id(), None);
+    }
+
+    fn client_event(channel: &str) -> String {
+        serde_json::json!({"event":"client-typing","channel":channel,"data":{"a":1}}).to_string()
+    }
+
+    #[test]
+    fn client_events_follow_the_policy() {
+        let now = Instant::now();
+        let mut s = session();
+        s.on_text(&subscribe_frame("public", None, None), now);
+        s.on_text(&subscribe_frame("private-a", Some(sign("1.2:private-a")), None), now);
+        s.on_text(
+            &subscribe_frame("private-encrypted-a", Some(sign("1.2:private-encrypted-a")), None),
+            now,
+        );
+        assert_eq!(sent(&s.on_text(&client_event("public"), now))[0]["event"], "pusher:error");
+        assert_eq!(sent(&s.on_text(&client_event("private-encrypted-a"), now))[0]["event"], "pusher:error");
+        assert_eq!(sent(&s.on_text(&client_event("private-b"), now))[0]["event"], "pusher:error");
+        assert!(matches!(&s.on_text(&client_event("private-a"), now)[..], [Action::ClientEvent { user_id: None, .. }]));
+
+        let mut all = Session::new(SocketId(1, 2), app(ClientEvents::All), now);
+        all.on_text(&subscribe_frame("public", None, None), now);
+        assert!(matches!(&all.on_text(&client_event("public"), now)[..], [Action::ClientEvent { .. }]));
+
+        let mut none = Session::new(SocketId(1, 2), app(ClientEvents::None), now);
+        none.on_text(&subscribe_frame("private-a", Some(sign("1.2:private-a")), None), now);
+        assert_eq!(sent(&none.on_text(&client_event("private-a"), now))[0]["event"], "pusher:error");
+    }
+
+    #[test]
+    fn client_events_are_rate_limited_per_second() {
+        let start = Instant::now();
+        let mut s = session();
+        s.on_text(&subscribe_frame("private-a", Some(sign("1.2:private-a")), None), start);
+        for _ in 0..10 {
+            assert!(matches!(&s.on_text(&client_event("private-a"), start)[..], [Action::ClientEvent { .. }]));
+        }
+        let over = sent(&s.on_text(&client_event("private-a"), start));
+        assert_eq!(over[0]["data"]["code"], 4301);
+        let later = start + Duration::from_millis(150);
+        assert!(matches!(&s.on_text(&client_event("private-a"), later)[..], [Action::ClientEvent { .. }]));
+    }
+
+    #[test]
+    fn presence_client_events_carry_the_user_id() {
+        let now = Instant::now();
+        let mut s = session();
+        let data = r#"{"user_id":"u1"}"#;
+        s.on_text(
+            &subscribe_frame("presence-r", Some(sign(&format!("1.2:presence-r:{data}"))), Some(data)),
+            now,
+        );
+        assert!(matches!(
+            &s.on_text(&client_event("presence-r"), now)[..],
+            [Action::ClientEvent { user_id: Some(u), .. }] if u == "u1"
+        ));
+    }
+
+    #[test]
+    fn unsubscribe_reports_presence_and_forgets() {
+        let now = Instant::now();
+        let mut s = session();
+        s.on_text(&subscribe_frame("orders", None, None), now);
+        let actions = s.on_text(r#"{"event":"pusher:unsubscribe","data":{"channel":"orders"}}"#, now);
+        assert!(matches!(&actions[..], [Action::Unsubscribe { presence: false, .. }]));
+        assert!(s.on_text(r#"{"event":"pusher:unsubscribe","data":{"channel":"orders"}}"#, now).is_empty());
+    }
+
+    #[test]
+    fn ping_gets_pong_and_garbage_gets_an_error() {
+        let mut s = session();
+        assert_eq!(sent(&s.on_text(r#"{"event":"pusher:ping","data":{}}"#, Instant::now()))[0]["event"], "pusher:pong");
+        assert_eq!(sent(&s.on_text("{not json", Instant::now()))[0]["event"], "pusher:error");
+        assert_eq!(sent(&s.on_text(r#"{"event":"pusher:bogus"}"#, Instant::now()))[0]["event"], "pusher:error");
+    }
+}

@@ -1,0 +1,246 @@
+//! What this node knows and may lose: which local sockets are on which
+//! channel, which sockets belong to which signed-in user, and how many
+//! connections each app has here.
+//!
+//! It is also where the bus hands envelopes in: one frame is encoded per
+//! envelope and the same bytes are queued to every local subscriber. Channel
+//! maps are sharded and only ever locked without an `.await` inside.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use belfry_coordinator::{Delivery, Envelope, EnvelopeKind};
+use parking_lot::{Mutex, RwLock};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::config::AppConfig;
+use crate::connection::ConnHandle;
+use crate::protocol::frame::Encode;
+use crate::protocol::{code, SocketId};
+use crate::telemetry::AppMetrics;
+
+const SHARDS: usize = 16;
+
+type Subscribers = HashMap<SocketId, ConnHandle>;
+
+/// One app's local state.
+pub struct AppRegistry {
+    pub config: Arc<AppConfig>,
+    pub metrics: Arc<AppMetrics>,
+    shards: Box<[RwLock<HashMap<Box<str>, Subscribers>>]>,
+    hasher: std::collections::hash_map::RandomState,
+    users: Mutex<HashMap<String, Vec<ConnHandle>>>,
+    connections: AtomicUsize,
+    channels: AtomicUsize,
+}
+
+/// What a subscriber count query needs to know about one channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Occupancy {
+    pub subscriptions: usize,
+}
+
+impl AppRegistry {
+    fn new(config: AppConfig) -> Self {
+        Self {
+            metrics: Arc::new(AppMetrics::new(&config.id)),
+            config: Arc::new(config),
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+            users: Mutex::new(HashMap::new()),
+            connections: AtomicUsize::new(0),
+            channels: AtomicUsize::new(0),
+        }
+    }
+
+    fn shard(&self, channel: &str) -> &RwLock<HashMap<Box<str>, Subscribers>> {
+        let mut h = self.hasher.build_hasher();
+        channel.hash(&mut h);
+        &self.shards[h.finish() as usize % SHARDS]
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Counts a new connection unless the app is at its limit.
+    pub fn try_open_connection(&self) -> bool {
+        let max = self.config.max_connections;
+        let admitted = self
+            .connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (max == 0 || n < max).then_some(n + 1))
+            .is_ok();
+        if admitted {
+            self.metrics.opened.increment(1);
+            self.metrics.connections.increment(1.0);
+        }
+        admitted
+    }
+
+    pub fn close_connection(&self, reason: &'static str) {
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.connections.decrement(1.0);
+        self.metrics.closed(reason);
+    }
+
+    /// Adds a subscriber and queues `first` to it under the channel's lock, so
+    /// no event can overtake `subscription_succeeded`. Returns true when the
+    /// channel had no local subscriber before.
+    pub fn add_subscriber(&self, channel: &str, handle: ConnHandle, first: &[Utf8Bytes]) -> bool {
+        let mut shard = self.shard(channel).write();
+        for frame in first {
+            handle.send(frame.clone());
+        }
+        let subscribers = shard.entry(channel.into()).or_default();
+        let was_empty = subscribers.is_empty();
+        subscribers.insert(handle.socket_id, handle);
+        if was_empty {
+            self.channels.fetch_add(1, Ordering::Relaxed);
+            self.metrics.channels.set(self.channels.load(Ordering::Relaxed) as f64);
+        }
+        was_empty
+    }
+
+    /// Removes a subscriber; returns true when the channel has no local
+    /// subscriber left (time to unsubscribe from the bus).
+    pub fn remove_subscriber(&self, channel: &str, socket_id: SocketId) -> bool {
+        let mut shard = self.shard(channel).write();
+        let Some(subscribers) = shard.get_mut(channel) else {
+            return false;
+        };
+        if subscribers.remove(&socket_id).is_none() {
+            return false;
+        }
+        if subscribers.is_empty() {
+            shard.remove(channel);
+            self.channels.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.channels.set(self.channels.load(Ordering::Relaxed) as f64);
+            return true;
+        }
+        false
+    }
+
+    /// Queues `frame` to every local subscriber of `channel` but `exclude`.
+    /// Returns how many got it.
+    pub fn fan_out(&self, channel: &str, frame: &Utf8Bytes, exclude: Option<SocketId>) -> usize {
+        let shard = self.shard(channel).read();
+        let Some(subscribers) = shard.get(channel) else {
+            return 0;
+        };
+        let mut sent = 0;
+        for (id, handle) in subscribers {
+            if Some(*id) != exclude && handle.send(frame.clone()) {
+                sent += 1;
+            }
+        }
+        sent
+    }
+
+    pub fn occupancy(&self, channel: &str) -> Occupancy {
+        Occupancy {
+            subscriptions: self.shard(channel).read().get(channel).map_or(0, |s| s.len()),
+        }
+    }
+
+    /// Every occupied channel with its local subscription count.
+    pub fn channels(&self) -> Vec<(String, Occupancy)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            for (name, subs) in shard.read().iter() {
+                out.push((
+                    name.to_string(),
+                    Occupancy {
+                        subscriptions: subs.len(),
+                    },
+                ));
+            }
+        }
+        out
+    }
+
+    pub fn add_user(&self, user_id: &str, handle: ConnHandle) {
+        self.users.lock().entry(user_id.to_owned()).or_default().push(handle);
+    }
+
+    pub fn remove_user(&self, user_id: &str, socket_id: SocketId) {
+        let mut users = self.users.lock();
+        if let Some(handles) = users.get_mut(user_id) {
+            handles.retain(|h| h.socket_id != socket_id);
+            if handles.is_empty() {
+                users.remove(user_id);
+            }
+        }
+    }
+
+    /// Closes every local connection of a signed-in user.
+    pub fn terminate_user(&self, user_id: &str) -> usize {
+        let handles = self.users.lock().get(user_id).cloned().unwrap_or_default();
+        for handle in &handles {
+            handle.close(code::UNAUTHORIZED, "Connection terminated by the server", "terminated");
+        }
+        handles.len()
+    }
+}
+
+/// Every app's local state, by id and by key.
+pub struct Registry {
+    by_id: HashMap<String, Arc<AppRegistry>>,
+    by_key: HashMap<String, Arc<AppRegistry>>,
+}
+
+impl Registry {
+    pub fn new(apps: &[AppConfig]) -> Self {
+        let mut by_id = HashMap::new();
+        let mut by_key = HashMap::new();
+        for config in apps {
+            let app = Arc::new(AppRegistry::new(config.clone()));
+            by_id.insert(config.id.clone(), app.clone());
+            by_key.insert(config.key.clone(), app);
+        }
+        Self { by_id, by_key }
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<&Arc<AppRegistry>> {
+        self.by_id.get(id)
+    }
+
+    pub fn by_key(&self, key: &str) -> Option<&Arc<AppRegistry>> {
+        self.by_key.get(key)
+    }
+
+    pub fn apps(&self) -> impl Iterator<Item = &Arc<AppRegistry>> {
+        self.by_id.values()
+    }
+
+    pub fn total_connections(&self) -> usize {
+        self.by_id.values().map(|a| a.connections()).sum()
+    }
+}
+
+impl Delivery for Registry {
+    fn deliver(&self, envelope: Envelope) {
+        let Some(app) = self.by_id.get(&envelope.app) else {
+            return;
+        };
+        match envelope.kind {
+            EnvelopeKind::Event => {
+                let frame = Encode::event_with_user(
+                    &envelope.event,
+                    Some(&envelope.channel),
+                    &envelope.data,
+                    envelope.user_id.as_deref(),
+                );
+                let exclude = envelope.socket_id.as_deref().and_then(SocketId::parse);
+                let sent = app.fan_out(&envelope.channel, &frame, exclude);
+                app.metrics.delivered(sent, frame.len(), envelope.ts_us);
+            }
+            EnvelopeKind::Terminate => {
+                if let Some(user_id) = &envelope.user_id {
+                    app.terminate_user(user_id);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The listeners: one port for WebSockets, the HTTP API and Reverb's `/up`;
+//! another for Prometheus `/metrics` and the health probes.
+//!
+//! A WebSocket request is checked (app key, origin, protocol version,
+//! admission) and always upgraded, so that a refused client is told why with
+//! a `pusher:error` frame and the matching close code, as pusher-js expects.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::api::{self, json_response};
+use crate::config::AppConfig;
+use crate::connection;
+use crate::node::{Node, Refusal};
+use crate::protocol::code;
+use crate::registry::AppRegistry;
+use crate::telemetry;
+
+type HttpResponse = Response<Full<Bytes>>;
+
+/// Serves HTTP connections from `listener` until the node stops accepting.
+pub async fn serve<F, Fut>(node: Arc<Node>, listener: TcpListener, handler: F)
+where
+    F: Fn(Arc<Node>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = HttpResponse> + Send + 'static,
+{
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = node.shutdown.stopped() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, _) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        let handler = handler.clone();
+        connections.spawn(async move {
+            let service_node = node.clone();
+            let service = service_fn(move |req| {
+                let fut = handler(service_node.clone(), req);
+                async move { Ok::<_, Infallible>(fut.await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = node.shutdown.stopped() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    connections.close();
+}
+
+/// The main port: WebSockets, the HTTP API and health.
+pub async fn main_handler(node: Arc<Node>, req: Request<Incoming>) -> HttpResponse {
+    let path = req.uri().path().to_owned();
+    let prefix = node.config.path_prefix.as_str();
+    let local = if prefix.is_empty() {
+        Some(path.as_str())
+    } else {
+        path.strip_prefix(prefix).filter(|r| r.starts_with('/'))
+    };
+    match (path.as_str(), local) {
+        ("/up", _) | (_, Some("/up")) => json_response(StatusCode::OK, &json!({ "health": "OK" })),
+        ("/healthz", _) | ("/readyz", _) => health(&node, &path),
+        (_, Some(rest)) if rest.starts_with("/app/") => {
+            let key = rest["/app/".len()..].to_owned();
+            websocket(node, req, &key)
+        }
+        (_, Some(rest)) if rest.starts_with("/apps/") => {
+            let rest = rest.to_owned();
+            api::handle(node, req, &rest).await
+        }
+        _ => json_response(StatusCode::NOT_FOUND, &json!({ "error": format!("No route {path}") })),
+    }
+}
+
+/// The metrics port: Prometheus and health.
+pub fn metrics_handler(
+    prometheus: Option<PrometheusHandle>,
+) -> impl Fn(Arc<Node>, Request<Incoming>) -> std::future::Ready<HttpResponse> + Clone + Send + Sync + 'static {
+    move |node, req| {
+        let response = match req.uri().path() {
+            "/metrics" => {
+                telemetry::ready(node.is_ready(), node.shutdown.is_draining());
+                let text = prometheus.as_ref().map(|p| p.render()).unwrap_or_default();
+                let mut response = Response::new(Full::new(Bytes::from(text)));
+                response.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                response
+            }
+            path @ ("/healthz" | "/readyz") => health(&node, path),
+            path => json_response(StatusCode::NOT_FOUND, &json!({ "error": format!("No route {path}") })),
+        };
+        std::future::ready(response)
+    }
+}
+
+fn health(node: &Node, path: &str) -> HttpResponse {
+    if path == "/healthz" {
+        return json_response(StatusCode::OK, &json!({ "status": "alive" }));
+    }
+    if node.is_ready() {
+        json_response(StatusCode::OK, &json!({ "status": "ready" }))
+    } else {
+        let why = if node.shutdown.is_draining() { "draining" } else { "bus unavailable" };
+        json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({ "status": "not ready", "reason": why }))
+    }
+}
+
+fn tungstenite_config(app: Option<&AppConfig>) -> WebSocketConfig {
+    let max = app.map_or(10_240, |a| a.max_message_bytes);
+    // tungstenite's defaults keep 128 KiB buffers per socket; Pusher frames
+    // are small, so a small read buffer (it grows for a large message) and
+    // writes flushed per batch keep idle sockets cheap.
+    WebSocketConfig::default()
+        .read_buffer_size(2 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * 1024 * 1024)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}
+
+fn bad_request(message: &str) -> HttpResponse {
+    json_response(StatusCode::BAD_REQUEST, &json!({ "error": message }))
+}
+
+/// Upgrades `/app/{key}` and hands the socket to a connection task, or to a
+/// refusal that tells the client why.
+fn websocket(node: Arc<Node>, mut req: Request<Incoming>, key: &str) -> HttpResponse {
+    let header = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let is_upgrade = header(UPGRADE).is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+        && header(CONNECTION).is_some_and(|c| c.to_ascii_lowercase().contains("upgrade"));
+    let Some(accept_key) = header(SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes())) else {
+        return bad_request("Expected a WebSocket upgrade");
+    };
+    if !is_upgrade {
+        return bad_request("Expected a WebSocket upgrade");
+    }
+    let origin = header(hyper::header::ORIGIN).map(str::to_owned);
+    let query = req.uri().query().unwrap_or("").to_owned();
+
+    let app = node.registry.by_key(key).cloned();
+    let verdict = match &app {
+        None => Err(Refusal {
+            code: code::APP_NOT_FOUND,
+            message: "Application does not exist".into(),
+            reason: "unknown_app",
+        }),
+        Some(app) => check_client(app, origin.as_deref(), &query).and_then(|()| node.admit(app)),
+    };
+    if let Err(refusal) = &verdict {
+        telemetry::refused(refusal.reason);
+        tracing::info!(
+            key,
+            origin = origin.as_deref().unwrap_or(""),
+            code = refusal.code,
+            reason = refusal.reason,
+            "connection refused: {}",
+            refusal.message
+        );
+    }
+    let config = tungstenite_config(app.as_ref().map(|a| &*a.config));
+    let upgrade = hyper::upgrade::on(&mut req);
+    let tasks = node.tasks.clone();
+    tasks.spawn(async move {
+        let upgraded = match upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                if let (Ok(()), Some(app)) = (&verdict, &app) {
+                    app.close_connection("error");
+                }
+                return;
+            }
+        };
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+        match (verdict, app) {
+            (Ok(()), Some(app)) => connection::run(node, app, ws).await,
+            (Err(refusal), _) => connection::refuse(ws, refusal.code, &refusal.message).await,
+            (Ok(()), None) => {}
+        }
+    });
+
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept_key) {
+        headers.insert(SEC_WEBSOCKET_ACCEPT, v);
+    }
+    response
+}
+
+/// Origin and protocol version, before any quota is spent.
+fn check_client(app: &AppRegistry, origin: Option<&str>, query: &str) -> Result<(), Refusal> {
+    if let Some(origin) = origin {
+        if !origin_allowed(&app.config.allowed_origins, origin) {
+            return Err(Refusal {
+                code: code::UNAUTHORIZED,
+                message: "Origin not allowed".into(),
+                reason: "origin",
+            });
+        }
+    }
+    let protocol = api::signature::query_pairs(query)
+        .into_iter()
+        .find(|(k, _)| k == "protocol")
+        .map(|(_, v)| v);
+    match protocol.as_deref().map(str::parse::<u32>) {
+        // Some old clients omit it; Reverb ignores it. Accept.
+        None => Ok(()),
+        Some(Ok(v)) if v >= 7 => Ok(()),
+        Some(Ok(_)) => Err(Refusal {
+            code: code::UNSUPPORTED_PROTOCOL,
+            message: "Unsupported protocol version; use 7".into(),
+            reason: "protocol",
+        }),
+        Some(Err(_)) => Err(Refusal {
+            code: code::INVALID_VERSION,
+            message: "Invalid protocol version".into(),
+            reason: "protocol",
+        }),
+    }
+}
+
+/// Matches an Origin header's host against `*`, exact hosts and `*.domain`.
+pub fn origin_allowed(allowed: &[String], origin: &str) -> bool {
+    let host = origin.split("://").nth(1).unwrap_or(origin);
+    let host = host.split(['/', ':']).next().unwrap_or("").to_ascii_lowercase();
+    allowed.iter().any(|pattern| {
+        let pattern = pattern.to_ascii_lowercase();
+        let pattern = pattern.split("://").nth(1).unwrap_or(&pattern).to_owned();
+        if pattern == "*" {
+            true
+        } else if let Some(domain) = pattern.strip_prefix("*.") {
+            host.ends_with(&format!(".{domain}"))
+        } else {
+            host == pattern
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_match_hosts_and_wildcards() {
+        let allowed = vec!["*.example.com".to_owned(), "app.test".to_owned()];
+        assert!(origin_allowed(&allowed, "https://a.example.com"));
+        assert!(origin_allowed(&allowed, "https://deep.a.example.com:8443"));
+        assert!(origin_allowed(&allowed, "http://app.test"));
+        assert!(!origin_allowed(&allowed, "https://example.com.evil.io"));
+        assert!(!origin_allowed(&allowed, "https://evilexample.com"));
+        assert!(!origin_allowed(&allowed, "http://other.test"));
+        assert!(origin_allowed(&["*".to_owned()], "null"));
+    }
+}

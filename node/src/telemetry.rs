@@ -1,0 +1,107 @@
+//! Logs and metrics. Every metric is named `belfry_*` and labelled only with
+//! bounded values (app id, reason, route, status): never a channel name or a
+//! socket id. Per-app handles are registered once, so the hot paths only
+//! touch atomics. `docs/operations.md` lists every metric.
+
+use metrics::{counter, gauge, histogram, Counter, Gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::config::LogFormat;
+
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Pretty => builder.compact().try_init(),
+    };
+}
+
+/// Installs the Prometheus recorder; must run before any handle is made.
+pub fn install_recorder() -> Option<PrometheusHandle> {
+    let latency_buckets = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    ];
+    PrometheusBuilder::new()
+        .set_buckets(&latency_buckets)
+        .ok()?
+        .install_recorder()
+        .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
+        .ok()
+}
+
+/// One app's metric handles.
+pub struct AppMetrics {
+    app: String,
+    pub connections: Gauge,
+    pub channels: Gauge,
+    pub presence_members: Gauge,
+    pub opened: Counter,
+    pub messages_in: Counter,
+    pub bytes_in: Counter,
+    pub messages_out: Counter,
+    pub bytes_out: Counter,
+    pub client_events: Counter,
+    pub slow_consumers: Counter,
+    pub client_event_rate_limited: Counter,
+}
+
+impl AppMetrics {
+    pub fn new(app: &str) -> Self {
+        let a = app.to_owned();
+        Self {
+            connections: gauge!("belfry_connections", "app" => a.clone()),
+            channels: gauge!("belfry_channels", "app" => a.clone()),
+            presence_members: gauge!("belfry_presence_members", "app" => a.clone()),
+            opened: counter!("belfry_connections_opened_total", "app" => a.clone()),
+            messages_in: counter!("belfry_messages_in_total", "app" => a.clone()),
+            bytes_in: counter!("belfry_bytes_in_total", "app" => a.clone()),
+            messages_out: counter!("belfry_messages_out_total", "app" => a.clone()),
+            bytes_out: counter!("belfry_bytes_out_total", "app" => a.clone()),
+            client_events: counter!("belfry_client_events_total", "app" => a.clone()),
+            slow_consumers: counter!("belfry_slow_consumer_disconnects_total", "app" => a.clone()),
+            client_event_rate_limited: counter!("belfry_rate_limited_total", "app" => a.clone(), "kind" => "client_event"),
+            app: a,
+        }
+    }
+
+    pub fn closed(&self, reason: &'static str) {
+        counter!("belfry_connections_closed_total", "app" => self.app.clone(), "reason" => reason).increment(1);
+    }
+
+    /// One envelope fanned out to `recipients` local sockets.
+    pub fn delivered(&self, recipients: usize, frame_len: usize, published_us: u64) {
+        self.messages_out.increment(recipients as u64);
+        self.bytes_out.increment((recipients * frame_len) as u64);
+        if published_us > 0 {
+            let lag_us = belfry_coordinator::envelope::now_us().saturating_sub(published_us);
+            histogram!("belfry_bus_lag_seconds").record(lag_us as f64 / 1e6);
+        }
+    }
+}
+
+pub fn refused(reason: &'static str) {
+    counter!("belfry_connections_refused_total", "reason" => reason).increment(1);
+}
+
+pub fn http_request(route: &'static str, status: u16) {
+    counter!("belfry_http_requests_total", "route" => route, "status" => status.to_string()).increment(1);
+}
+
+pub fn publish_latency(seconds: f64) {
+    histogram!("belfry_http_publish_seconds").record(seconds);
+}
+
+pub fn api_rate_limited(app: &str) {
+    counter!("belfry_rate_limited_total", "app" => app.to_owned(), "kind" => "http_api").increment(1);
+}
+
+pub fn redis_reconnect() {
+    counter!("belfry_redis_reconnects_total").increment(1);
+}
+
+pub fn ready(ready: bool, draining: bool) {
+    gauge!("belfry_ready").set(if ready { 1.0 } else { 0.0 });
+    gauge!("belfry_draining").set(if draining { 1.0 } else { 0.0 });
+}
