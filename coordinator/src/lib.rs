@@ -7,8 +7,10 @@
 
 pub mod bus;
 pub mod envelope;
+pub mod keys;
 pub mod presence;
 
 pub use bus::{is_cache_channel, Bus, BusError, CacheTtl, Delivery, LocalBus};
 pub use envelope::{Envelope, EnvelopeKind, ENVELOPE_VERSION};
 pub use presence::{MemoryPresence, PresenceError, PresenceMember, PresenceStore};
+pub mod redis;

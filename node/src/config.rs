@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Command line. Every flag has a `BELFRY_*` variable too.
 #[derive(Debug, Default, Clone, clap::Parser)]
@@ -38,6 +38,18 @@ pub struct Cli {
     /// Path prefix in front of /app and /apps, e.g. /ws.
     #[arg(long, env = "BELFRY_PATH_PREFIX")]
     pub path_prefix: Option<String>,
+    /// Node-wide connection ceiling; new connections over it get 4100 (0 = none).
+    #[arg(long, env = "BELFRY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Refuse new connections (4100) while resident memory is above this many MiB (0 = none).
+    #[arg(long, env = "BELFRY_MAX_MEMORY_MB")]
+    pub max_memory_mb: Option<u64>,
+    /// Seconds from SIGTERM to exit, at most [default: 25].
+    #[arg(long, env = "BELFRY_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+    /// Seconds readiness fails before clients are closed with 4200 [default: 1].
+    #[arg(long, env = "BELFRY_DRAIN_DELAY_SECS")]
+    pub drain_delay_secs: Option<u64>,
     /// Log format: "pretty" for development, "json" for production.
     #[arg(long, env = "BELFRY_LOG_FORMAT", default_value = "pretty")]
     pub log_format: LogFormat,
@@ -51,7 +63,7 @@ pub enum LogFormat {
 }
 
 /// Who may send client events (`client-*`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientEvents {
     /// Any subscriber, on public channels too (Reverb's `all`).
@@ -64,7 +76,7 @@ pub enum ClientEvents {
 }
 
 /// One application: its credentials and limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AppConfig {
     pub id: String,
@@ -117,7 +129,7 @@ impl Default for AppConfig {
 }
 
 /// The whole node configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub host: String,
@@ -186,14 +198,16 @@ impl Config {
             config.host = host;
         }
         if let Some(port) = env("REVERB_SERVER_PORT") {
-            config.port = port
-                .parse()
-                .map_err(|_| ConfigError::Invalid(format!("REVERB_SERVER_PORT: not a port: {port}")))?;
+            config.port = port.parse().map_err(|_| {
+                ConfigError::Invalid(format!("REVERB_SERVER_PORT: not a port: {port}"))
+            })?;
         }
         if config.apps.is_empty() {
-            if let (Some(id), Some(key), Some(secret)) =
-                (env("REVERB_APP_ID"), env("REVERB_APP_KEY"), env("REVERB_APP_SECRET"))
-            {
+            if let (Some(id), Some(key), Some(secret)) = (
+                env("REVERB_APP_ID"),
+                env("REVERB_APP_KEY"),
+                env("REVERB_APP_SECRET"),
+            ) {
                 config.apps.push(AppConfig {
                     id,
                     key,
@@ -216,6 +230,18 @@ impl Config {
         }
         if let Some(prefix) = &cli.path_prefix {
             config.path_prefix = prefix.clone();
+        }
+        if let Some(n) = cli.max_connections {
+            config.max_connections = n;
+        }
+        if let Some(n) = cli.max_memory_mb {
+            config.max_memory_mb = n;
+        }
+        if let Some(n) = cli.shutdown_grace_secs {
+            config.shutdown_grace_secs = n;
+        }
+        if let Some(n) = cli.drain_delay_secs {
+            config.drain_delay_secs = n;
         }
         config.path_prefix = normalize_prefix(&config.path_prefix);
         config.validate()?;
@@ -262,7 +288,9 @@ impl Config {
                 return invalid(format!("apps[{i}]: id and key must not contain '/'"));
             }
             if app.activity_timeout == 0 {
-                return invalid(format!("apps[{i}].activity_timeout must be at least 1 second"));
+                return invalid(format!(
+                    "apps[{i}].activity_timeout must be at least 1 second"
+                ));
             }
             if app.pong_timeout == 0 {
                 return invalid(format!("apps[{i}].pong_timeout must be at least 1 second"));
@@ -344,16 +372,38 @@ mod tests {
 
     #[test]
     fn a_bad_field_is_named() {
-        let err = Config::from_toml("[[apps]]\nid = \"a\"\nkey = \"k\"\nsecret = \"s\"\nmax_conections = 5\n")
-            .unwrap_err();
+        let err = Config::from_toml(
+            "[[apps]]\nid = \"a\"\nkey = \"k\"\nsecret = \"s\"\nmax_conections = 5\n",
+        )
+        .unwrap_err();
         assert!(err.contains("max_conections"), "{err}");
         let err = Config::from_toml("port = \"eighty\"").unwrap_err();
         assert!(err.contains("port"), "{err}");
     }
 
     #[test]
+    fn docs_list_every_field() {
+        let docs = include_str!("../../docs/configuration.md");
+        let config = Config {
+            redis_url: Some(String::new()),
+            apps: vec![AppConfig::default()],
+            ..Config::default()
+        };
+        let value = toml::Value::try_from(&config).unwrap();
+        let app = value["apps"][0].as_table().unwrap().clone();
+        let fields = value.as_table().unwrap().keys().chain(app.keys());
+        for field in fields {
+            assert!(
+                docs.contains(&format!("| `{field}` |")),
+                "docs/configuration.md misses `{field}`"
+            );
+        }
+    }
+
+    #[test]
     fn app_fields_default_and_empty_secret_is_refused() {
-        let mut config = Config::from_toml("[[apps]]\nid = \"a\"\nkey = \"k\"\nsecret = \"\"\n").unwrap();
+        let mut config =
+            Config::from_toml("[[apps]]\nid = \"a\"\nkey = \"k\"\nsecret = \"\"\n").unwrap();
         assert_eq!(config.apps[0].max_batch_size, 10);
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("apps[0].secret"), "{err}");

@@ -56,7 +56,11 @@ impl ConnHandle {
         match self.tx.try_send(frame) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.close(code::OVER_CAPACITY, "Slow consumer: send queue full", "slow_consumer") {
+                if self.close(
+                    code::OVER_CAPACITY,
+                    "Slow consumer: send queue full",
+                    "slow_consumer",
+                ) {
                     self.metrics.slow_consumers.increment(1);
                 }
                 false
@@ -88,7 +92,9 @@ pub async fn refuse<S>(mut ws: WebSocketStream<S>, code: u16, message: &str)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let _ = ws.send(Message::Text(Encode::error(Some(code), message))).await;
+    let _ = ws
+        .send(Message::Text(Encode::error(Some(code), message)))
+        .await;
     close(&mut ws, code, message).await;
 }
 
@@ -141,7 +147,8 @@ where
     };
     node.track(handle.clone());
 
-    let established = Encode::connection_established(&socket_id.to_string(), app.config.activity_timeout);
+    let established =
+        Encode::connection_established(&socket_id.to_string(), app.config.activity_timeout);
     let mut end = match ws.send(Message::Text(established)).await {
         Ok(()) => None,
         Err(_) => Some(End::Error),
@@ -228,7 +235,11 @@ where
             close(&mut ws, code, &message).await;
             reason
         }
-        Some(End::Client) => "client",
+        Some(End::Client) => {
+            // Sends tungstenite's queued reply to the client's close frame.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.flush()).await;
+            "client"
+        }
         Some(End::Error) | None => "error",
     };
     conn.leave_all(&mut session).await;
@@ -264,12 +275,16 @@ impl Conn {
                     data,
                     user_id,
                 } => {
-                    let mut envelope = Envelope::event(&self.app.config.id, channel.as_str(), &event, data);
+                    let mut envelope =
+                        Envelope::event(&self.app.config.id, channel.as_str(), &event, data);
                     envelope.socket_id = Some(self.handle.socket_id.to_string());
                     envelope.user_id = user_id;
                     self.app.metrics.client_events.increment(1);
                     if let Err(e) = self.node.bus.publish(vec![envelope]).await {
-                        self.handle.send(Encode::error(None, &format!("Client event not delivered: {e}")));
+                        self.handle.send(Encode::error(
+                            None,
+                            &format!("Client event not delivered: {e}"),
+                        ));
                     }
                 }
                 Action::SignedIn { user_id, previous } => {
@@ -285,14 +300,27 @@ impl Conn {
     /// Subscribes this connection: bus first (so nothing published after
     /// `subscription_succeeded` can be missed), then presence, then the
     /// local registry together with the first frames.
-    async fn join(&self, channel: &ChannelName, member: Option<PresenceMember>) -> Result<(), Utf8Bytes> {
+    async fn join(
+        &self,
+        channel: &ChannelName,
+        member: Option<PresenceMember>,
+    ) -> Result<(), Utf8Bytes> {
         let app_id = self.app.config.id.as_str();
         let name = channel.as_str();
         let socket = self.handle.socket_id.to_string();
         let unavailable = |e: String| {
-            Encode::subscription_error(name, code::OVER_CAPACITY, &format!("Subscription failed: {e}"), 503)
+            Encode::subscription_error(
+                name,
+                code::OVER_CAPACITY,
+                &format!("Subscription failed: {e}"),
+                503,
+            )
         };
-        self.node.bus.subscribe(app_id, name).await.map_err(|e| unavailable(e.to_string()))?;
+        self.node
+            .bus
+            .subscribe(app_id, name)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
 
         let mut first = Vec::with_capacity(2);
         let mut added = None;
@@ -300,7 +328,13 @@ impl Conn {
             let joined = self
                 .node
                 .presence
-                .join(app_id, name, &socket, member.clone(), self.app.config.max_presence_members)
+                .join(
+                    app_id,
+                    name,
+                    &socket,
+                    member.clone(),
+                    self.app.config.max_presence_members,
+                )
                 .await;
             let joined = match joined {
                 Ok(j) => j,
@@ -320,10 +354,13 @@ impl Conn {
             };
             first.push(Encode::presence_succeeded(
                 name,
-                joined
-                    .members
-                    .iter()
-                    .map(|m| (m.user_id.as_str(), m.user_id_json.as_str(), m.user_info.as_deref())),
+                joined.members.iter().map(|m| {
+                    (
+                        m.user_id.as_str(),
+                        m.user_id_json.as_str(),
+                        m.user_info.as_deref(),
+                    )
+                }),
             ));
             if joined.user_added {
                 self.app.metrics.presence_members.increment(1.0);
@@ -334,7 +371,12 @@ impl Conn {
         }
         if channel.is_cache() {
             match self.node.bus.cached(app_id, name).await {
-                Ok(Some(e)) => first.push(Encode::event_with_user(&e.event, Some(name), &e.data, e.user_id.as_deref())),
+                Ok(Some(e)) => first.push(Encode::event_with_user(
+                    &e.event,
+                    Some(name),
+                    &e.data,
+                    e.user_id.as_deref(),
+                )),
                 Ok(None) => first.push(Encode::cache_miss(name)),
                 Err(e) => tracing::warn!(error = %e, "cache lookup failed; sending cache_miss"),
             }
@@ -376,7 +418,8 @@ impl Conn {
             Ok(Some(member)) => {
                 self.app.metrics.presence_members.decrement(1.0);
                 let data = Encode::member_removed_data(&member.user_id_json);
-                let envelope = Envelope::event(app_id, name, "pusher_internal:member_removed", data);
+                let envelope =
+                    Envelope::event(app_id, name, "pusher_internal:member_removed", data);
                 if let Err(e) = self.node.bus.publish(vec![envelope]).await {
                     tracing::warn!(error = %e, "member_removed not published");
                 }

@@ -21,7 +21,9 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build();
     let result = runtime
         .context("cannot start the async runtime")
         .and_then(|rt| rt.block_on(run(config)));
@@ -50,7 +52,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let metrics = TcpListener::bind(&address)
             .await
             .with_context(|| format!("cannot listen for metrics on {address}"))?;
-        servers.spawn(server::serve(node.clone(), metrics, server::metrics_handler(prometheus)));
+        servers.spawn(server::serve(
+            node.clone(),
+            metrics,
+            server::metrics_handler(prometheus),
+        ));
     }
     telemetry::ready(true, false);
     announce(&node);
@@ -63,7 +69,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
 fn announce(node: &Arc<Node>) {
     let c = &node.config;
-    let metrics = if c.metrics_port == 0 { "off".to_owned() } else { format!("{}:{}", c.host, c.metrics_port) };
+    let metrics = if c.metrics_port == 0 {
+        "off".to_owned()
+    } else {
+        format!("{}:{}", c.host, c.metrics_port)
+    };
     tracing::info!(
         "belfry-node listening on {}:{} (metrics {metrics}, {} app(s), embedded bus)",
         c.host,
@@ -92,7 +102,10 @@ async fn drain(node: &Arc<Node>) {
     let closing = node.close_all_for_shutdown();
     tracing::info!(connections = closing, "closing connections with 4200");
     node.tasks.close();
-    if tokio::time::timeout_at(deadline, node.tasks.wait()).await.is_err() {
+    if tokio::time::timeout_at(deadline, node.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("grace period over with connections still open; exiting");
     }
     node.shutdown.stop_accepting();

@@ -88,11 +88,21 @@ impl Node {
         if max > 0 && self.registry.total_connections() >= max {
             return refuse(code::OVER_CAPACITY, "Server is over capacity", "capacity");
         }
-        if self.config.max_memory_mb > 0 && resident_mb().is_some_and(|mb| mb >= self.config.max_memory_mb) {
-            return refuse(code::OVER_CAPACITY, "Server is over its memory ceiling", "memory");
+        if self.config.max_memory_mb > 0
+            && resident_mb().is_some_and(|mb| mb >= self.config.max_memory_mb)
+        {
+            return refuse(
+                code::OVER_CAPACITY,
+                "Server is over its memory ceiling",
+                "memory",
+            );
         }
         if !app.try_open_connection() {
-            return refuse(code::OVER_QUOTA, "Application is over connection quota", "app_quota");
+            return refuse(
+                code::OVER_QUOTA,
+                "Application is over connection quota",
+                "app_quota",
+            );
         }
         Ok(())
     }
@@ -109,7 +119,11 @@ impl Node {
     pub fn close_all_for_shutdown(&self) -> usize {
         let handles: Vec<ConnHandle> = self.connections.lock().values().cloned().collect();
         for handle in &handles {
-            handle.close(code::RECONNECT, "Server is shutting down; reconnect", "shutdown");
+            handle.close(
+                code::RECONNECT,
+                "Server is shutting down; reconnect",
+                "shutdown",
+            );
         }
         handles.len()
     }

@@ -7,7 +7,7 @@
 //! maps are sharded and only ever locked without an `.await` inside.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -24,12 +24,14 @@ use crate::telemetry::AppMetrics;
 const SHARDS: usize = 16;
 
 type Subscribers = HashMap<SocketId, ConnHandle>;
+/// One shard of an app's channels: channel name -> local subscribers.
+type Shard = RwLock<HashMap<Box<str>, Subscribers>>;
 
 /// One app's local state.
 pub struct AppRegistry {
     pub config: Arc<AppConfig>,
     pub metrics: Arc<AppMetrics>,
-    shards: Box<[RwLock<HashMap<Box<str>, Subscribers>>]>,
+    shards: Box<[Shard]>,
     hasher: std::collections::hash_map::RandomState,
     users: Mutex<HashMap<String, Vec<ConnHandle>>>,
     connections: AtomicUsize,
@@ -55,10 +57,8 @@ impl AppRegistry {
         }
     }
 
-    fn shard(&self, channel: &str) -> &RwLock<HashMap<Box<str>, Subscribers>> {
-        let mut h = self.hasher.build_hasher();
-        channel.hash(&mut h);
-        &self.shards[h.finish() as usize % SHARDS]
+    fn shard(&self, channel: &str) -> &Shard {
+        &self.shards[self.hasher.hash_one(channel) as usize % SHARDS]
     }
 
     pub fn connections(&self) -> usize {
@@ -70,7 +70,9 @@ impl AppRegistry {
         let max = self.config.max_connections;
         let admitted = self
             .connections
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (max == 0 || n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (max == 0 || n < max).then_some(n + 1)
+            })
             .is_ok();
         if admitted {
             self.metrics.opened.increment(1);
@@ -98,7 +100,9 @@ impl AppRegistry {
         subscribers.insert(handle.socket_id, handle);
         if was_empty {
             self.channels.fetch_add(1, Ordering::Relaxed);
-            self.metrics.channels.set(self.channels.load(Ordering::Relaxed) as f64);
+            self.metrics
+                .channels
+                .set(self.channels.load(Ordering::Relaxed) as f64);
         }
         was_empty
     }
@@ -116,7 +120,9 @@ impl AppRegistry {
         if subscribers.is_empty() {
             shard.remove(channel);
             self.channels.fetch_sub(1, Ordering::Relaxed);
-            self.metrics.channels.set(self.channels.load(Ordering::Relaxed) as f64);
+            self.metrics
+                .channels
+                .set(self.channels.load(Ordering::Relaxed) as f64);
             return true;
         }
         false
@@ -140,7 +146,11 @@ impl AppRegistry {
 
     pub fn occupancy(&self, channel: &str) -> Occupancy {
         Occupancy {
-            subscriptions: self.shard(channel).read().get(channel).map_or(0, |s| s.len()),
+            subscriptions: self
+                .shard(channel)
+                .read()
+                .get(channel)
+                .map_or(0, |s| s.len()),
         }
     }
 
@@ -161,7 +171,11 @@ impl AppRegistry {
     }
 
     pub fn add_user(&self, user_id: &str, handle: ConnHandle) {
-        self.users.lock().entry(user_id.to_owned()).or_default().push(handle);
+        self.users
+            .lock()
+            .entry(user_id.to_owned())
+            .or_default()
+            .push(handle);
     }
 
     pub fn remove_user(&self, user_id: &str, socket_id: SocketId) {
@@ -178,7 +192,11 @@ impl AppRegistry {
     pub fn terminate_user(&self, user_id: &str) -> usize {
         let handles = self.users.lock().get(user_id).cloned().unwrap_or_default();
         for handle in &handles {
-            handle.close(code::UNAUTHORIZED, "Connection terminated by the server", "terminated");
+            handle.close(
+                code::UNAUTHORIZED,
+                "Connection terminated by the server",
+                "terminated",
+            );
         }
         handles.len()
     }

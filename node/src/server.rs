@@ -99,14 +99,21 @@ pub async fn main_handler(node: Arc<Node>, req: Request<Incoming>) -> HttpRespon
             let rest = rest.to_owned();
             api::handle(node, req, &rest).await
         }
-        _ => json_response(StatusCode::NOT_FOUND, &json!({ "error": format!("No route {path}") })),
+        _ => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({ "error": format!("No route {path}") }),
+        ),
     }
 }
 
 /// The metrics port: Prometheus and health.
 pub fn metrics_handler(
     prometheus: Option<PrometheusHandle>,
-) -> impl Fn(Arc<Node>, Request<Incoming>) -> std::future::Ready<HttpResponse> + Clone + Send + Sync + 'static {
+) -> impl Fn(Arc<Node>, Request<Incoming>) -> std::future::Ready<HttpResponse>
+       + Clone
+       + Send
+       + Sync
+       + 'static {
     move |node, req| {
         let response = match req.uri().path() {
             "/metrics" => {
@@ -120,7 +127,10 @@ pub fn metrics_handler(
                 response
             }
             path @ ("/healthz" | "/readyz") => health(&node, path),
-            path => json_response(StatusCode::NOT_FOUND, &json!({ "error": format!("No route {path}") })),
+            path => json_response(
+                StatusCode::NOT_FOUND,
+                &json!({ "error": format!("No route {path}") }),
+            ),
         };
         std::future::ready(response)
     }
@@ -133,8 +143,15 @@ fn health(node: &Node, path: &str) -> HttpResponse {
     if node.is_ready() {
         json_response(StatusCode::OK, &json!({ "status": "ready" }))
     } else {
-        let why = if node.shutdown.is_draining() { "draining" } else { "bus unavailable" };
-        json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({ "status": "not ready", "reason": why }))
+        let why = if node.shutdown.is_draining() {
+            "draining"
+        } else {
+            "bus unavailable"
+        };
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({ "status": "not ready", "reason": why }),
+        )
     }
 }
 
@@ -158,10 +175,15 @@ fn bad_request(message: &str) -> HttpResponse {
 /// Upgrades `/app/{key}` and hands the socket to a connection task, or to a
 /// refusal that tells the client why.
 fn websocket(node: Arc<Node>, mut req: Request<Incoming>, key: &str) -> HttpResponse {
-    let header = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
     let is_upgrade = header(UPGRADE).is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
         && header(CONNECTION).is_some_and(|c| c.to_ascii_lowercase().contains("upgrade"));
-    let Some(accept_key) = header(SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes())) else {
+    let Some(accept_key) = header(SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes()))
+    else {
         return bad_request("Expected a WebSocket upgrade");
     };
     if !is_upgrade {
@@ -204,7 +226,9 @@ fn websocket(node: Arc<Node>, mut req: Request<Incoming>, key: &str) -> HttpResp
                 return;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
         match (verdict, app) {
             (Ok(()), Some(app)) => connection::run(node, app, ws).await,
             (Err(refusal), _) => connection::refuse(ws, refusal.code, &refusal.message).await,
@@ -258,7 +282,11 @@ fn check_client(app: &AppRegistry, origin: Option<&str>, query: &str) -> Result<
 /// Matches an Origin header's host against `*`, exact hosts and `*.domain`.
 pub fn origin_allowed(allowed: &[String], origin: &str) -> bool {
     let host = origin.split("://").nth(1).unwrap_or(origin);
-    let host = host.split(['/', ':']).next().unwrap_or("").to_ascii_lowercase();
+    let host = host
+        .split(['/', ':'])
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
     allowed.iter().any(|pattern| {
         let pattern = pattern.to_ascii_lowercase();
         let pattern = pattern.split("://").nth(1).unwrap_or(&pattern).to_owned();

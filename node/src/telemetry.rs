@@ -11,7 +11,9 @@ use crate::config::LogFormat;
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
@@ -67,7 +69,8 @@ impl AppMetrics {
     }
 
     pub fn closed(&self, reason: &'static str) {
-        counter!("belfry_connections_closed_total", "app" => self.app.clone(), "reason" => reason).increment(1);
+        counter!("belfry_connections_closed_total", "app" => self.app.clone(), "reason" => reason)
+            .increment(1);
     }
 
     /// One envelope fanned out to `recipients` local sockets.
@@ -86,7 +89,8 @@ pub fn refused(reason: &'static str) {
 }
 
 pub fn http_request(route: &'static str, status: u16) {
-    counter!("belfry_http_requests_total", "route" => route, "status" => status.to_string()).increment(1);
+    counter!("belfry_http_requests_total", "route" => route, "status" => status.to_string())
+        .increment(1);
 }
 
 pub fn publish_latency(seconds: f64) {
@@ -94,7 +98,8 @@ pub fn publish_latency(seconds: f64) {
 }
 
 pub fn api_rate_limited(app: &str) {
-    counter!("belfry_rate_limited_total", "app" => app.to_owned(), "kind" => "http_api").increment(1);
+    counter!("belfry_rate_limited_total", "app" => app.to_owned(), "kind" => "http_api")
+        .increment(1);
 }
 
 pub fn redis_reconnect() {

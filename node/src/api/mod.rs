@@ -139,7 +139,9 @@ async fn dispatch(
         _ => Method::GET,
     };
     if req.method() != expected {
-        return Err(ApiError::MethodNotAllowed(format!("{path} takes {expected}")));
+        return Err(ApiError::MethodNotAllowed(format!(
+            "{path} takes {expected}"
+        )));
     }
     let method = req.method().as_str().to_owned();
     let params = signature::query_pairs(req.uri().query().unwrap_or(""));
@@ -150,8 +152,15 @@ async fn dispatch(
         .unwrap_or(0);
     signature::verify(&app.config, &method, path, &params, &body, now)?;
 
-    let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-    let info: Vec<&str> = param("info").map(|i| i.split(',').collect()).unwrap_or_default();
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let info: Vec<&str> = param("info")
+        .map(|i| i.split(',').collect())
+        .unwrap_or_default();
     match route {
         Route::Events => {
             let event: TriggerEvent = parse_json(&body)?;
@@ -167,7 +176,10 @@ async fn dispatch(
             }
             let mut out = serde_json::Map::new();
             for channel in &channels {
-                out.insert(channel.to_string(), channel_attributes(node, &app, channel, &with_info).await?);
+                out.insert(
+                    channel.to_string(),
+                    channel_attributes(node, &app, channel, &with_info).await?,
+                );
             }
             Ok(json!({ "channels": out }))
         }
@@ -218,21 +230,30 @@ async fn dispatch(
                 if !name.starts_with(prefix) {
                     continue;
                 }
-                let Ok(channel) = ChannelName::parse(&name) else { continue };
-                out.insert(name, channel_attributes(node, &app, &channel, &attributes).await?);
+                let Ok(channel) = ChannelName::parse(&name) else {
+                    continue;
+                };
+                out.insert(
+                    name,
+                    channel_attributes(node, &app, &channel, &attributes).await?,
+                );
             }
             Ok(json!({ "channels": out }))
         }
         Route::Channel => {
             let channel = path_channel(segments[3])?;
             if info.contains(&"user_count") && channel.kind() != ChannelKind::Presence {
-                return Err(ApiError::BadRequest("info=user_count is only for presence channels".into()));
+                return Err(ApiError::BadRequest(
+                    "info=user_count is only for presence channels".into(),
+                ));
             }
             let subscriptions = app.occupancy(channel.as_str()).subscriptions;
             let mut out = serde_json::Map::new();
             out.insert("occupied".into(), json!(subscriptions > 0));
             let attributes = event_info(&info);
-            if let Value::Object(extra) = channel_attributes(node, &app, &channel, &attributes).await? {
+            if let Value::Object(extra) =
+                channel_attributes(node, &app, &channel, &attributes).await?
+            {
                 out.extend(extra);
             }
             if info.contains(&"cache") && channel.is_cache() {
@@ -250,7 +271,9 @@ async fn dispatch(
         Route::Users => {
             let channel = path_channel(segments[3])?;
             if channel.kind() != ChannelKind::Presence {
-                return Err(ApiError::BadRequest("Users can only be listed for presence channels".into()));
+                return Err(ApiError::BadRequest(
+                    "Users can only be listed for presence channels".into(),
+                ));
             }
             let members = node
                 .presence
@@ -262,7 +285,12 @@ async fn dispatch(
         }
         Route::Terminate => {
             let user_id = signature::percent_decode(segments[3]);
-            publish(node, vec![Envelope::terminate(&app.config.id, &user_id)], started).await?;
+            publish(
+                node,
+                vec![Envelope::terminate(&app.config.id, &user_id)],
+                started,
+            )
+            .await?;
             Ok(json!({}))
         }
         Route::Unknown => Err(ApiError::NotFound(format!("No API route {path}"))),
@@ -271,13 +299,16 @@ async fn dispatch(
 
 fn path_channel(segment: &str) -> Result<ChannelName, ApiError> {
     let name = signature::percent_decode(segment);
-    ChannelName::parse(&name).map_err(|e| ApiError::BadRequest(format!("Invalid channel name {name:?}: {e}")))
+    ChannelName::parse(&name)
+        .map_err(|e| ApiError::BadRequest(format!("Invalid channel name {name:?}: {e}")))
 }
 
 /// The biggest body an app's limits allow: a full batch of full events.
 fn body_limit(app: &AppRegistry) -> usize {
     let c = &app.config;
-    c.max_batch_size.max(1) * (c.max_payload_bytes + 1024) + c.max_channels_per_trigger * 200 + 16 * 1024
+    c.max_batch_size.max(1) * (c.max_payload_bytes + 1024)
+        + c.max_channels_per_trigger * 200
+        + 16 * 1024
 }
 
 async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
@@ -286,12 +317,15 @@ async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge(format!(
             "Request body is larger than this app's limit of {limit} bytes"
         ))),
-        Err(e) => Err(ApiError::BadRequest(format!("Could not read the request body: {e}"))),
+        Err(e) => Err(ApiError::BadRequest(format!(
+            "Could not read the request body: {e}"
+        ))),
     }
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("Request body is not valid: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("Request body is not valid: {e}")))
 }
 
 async fn publish(node: &Node, envelopes: Vec<Envelope>, started: Instant) -> Result<(), ApiError> {
@@ -361,7 +395,10 @@ struct Batch<'a> {
 const MAX_EVENT_NAME: usize = 200;
 
 impl TriggerEvent<'_> {
-    fn into_envelopes(self, app: &AppRegistry) -> Result<(Vec<Envelope>, Vec<ChannelName>), ApiError> {
+    fn into_envelopes(
+        self,
+        app: &AppRegistry,
+    ) -> Result<(Vec<Envelope>, Vec<ChannelName>), ApiError> {
         let limits = &app.config;
         if self.name.is_empty() || self.name.len() > MAX_EVENT_NAME {
             return Err(ApiError::BadRequest(format!(
@@ -379,7 +416,11 @@ impl TriggerEvent<'_> {
         let names = match (self.channels, self.channel) {
             (Some(list), _) if !list.is_empty() => list,
             (_, Some(one)) => vec![one],
-            _ => return Err(ApiError::BadRequest("Give channels (a list) or channel".into())),
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "Give channels (a list) or channel".into(),
+                ))
+            }
         };
         if names.len() > limits.max_channels_per_trigger {
             return Err(ApiError::BadRequest(format!(

@@ -19,7 +19,8 @@ pub fn percent_decode(s: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match (hex_digit(bytes[i + 1]), hex_digit(bytes[i + 2])) {
+            b'%' if i + 2 < bytes.len() => match (hex_digit(bytes[i + 1]), hex_digit(bytes[i + 2]))
+            {
                 (Some(hi), Some(lo)) => {
                     out.push(hi << 4 | lo);
                     i += 2;
@@ -58,7 +59,12 @@ pub fn verify(
     now_secs: i64,
 ) -> Result<(), ApiError> {
     let unauthorized = |m: &str| Err(ApiError::Unauthorized(m.to_owned()));
-    let get = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     let Some(key) = get("auth_key") else {
         return unauthorized("auth_key is missing");
     };
@@ -79,7 +85,9 @@ pub fn verify(
     }
     let md5 = hex::encode(Md5::digest(body));
     match get("body_md5") {
-        Some(given) if !given.eq_ignore_ascii_case(&md5) => return unauthorized("body_md5 does not match the body"),
+        Some(given) if !given.eq_ignore_ascii_case(&md5) => {
+            return unauthorized("body_md5 does not match the body")
+        }
         None if !body.is_empty() => return unauthorized("body_md5 is missing"),
         _ => {}
     }
@@ -126,7 +134,10 @@ mod tests {
         let mut sorted = params.clone();
         sorted.sort();
         let q: Vec<String> = sorted.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let sig = auth::sign("7ad3773142a6692b25b8", &format!("{method}\n{path}\n{}", q.join("&")));
+        let sig = auth::sign(
+            "7ad3773142a6692b25b8",
+            &format!("{method}\n{path}\n{}", q.join("&")),
+        );
         params.push(("auth_signature".into(), sig));
         params
     }
@@ -135,7 +146,15 @@ mod tests {
     fn accepts_a_correctly_signed_request() {
         let body = br#"{"name":"foo","channels":["project-3"],"data":"{\"some\":\"data\"}"}"#;
         let params = signed("POST", "/apps/3/events", body, 1_353_088_179);
-        assert!(verify(&app(), "POST", "/apps/3/events", &params, body, 1_353_088_179).is_ok());
+        assert!(verify(
+            &app(),
+            "POST",
+            "/apps/3/events",
+            &params,
+            body,
+            1_353_088_179
+        )
+        .is_ok());
     }
 
     #[test]
@@ -144,14 +163,24 @@ mod tests {
         let body = br#"{"name":"foo","channels":["project-3"],"data":"{\"some\":\"data\"}"}"#;
         let query = "auth_key=278d425bdf160c739803&auth_timestamp=1353088179&auth_version=1.0&body_md5=ec365a775a4cd0599faeb73354201b6f&auth_signature=da454824c97ba181a32ccc17a72625ba02771f50b50e1e7430e47a1f3f457e6c";
         let params = query_pairs(query);
-        assert!(verify(&app(), "POST", "/apps/3/events", &params, body, 1_353_088_179).is_ok());
+        assert!(verify(
+            &app(),
+            "POST",
+            "/apps/3/events",
+            &params,
+            body,
+            1_353_088_179
+        )
+        .is_ok());
     }
 
     #[test]
     fn refuses_stale_tampered_or_mis_keyed_requests() {
         let body = br#"{"name":"x"}"#;
         let params = signed("POST", "/apps/3/events", body, 1000);
-        let check = |p: &[(String, String)], b: &[u8], now| verify(&app(), "POST", "/apps/3/events", p, b, now);
+        let check = |p: &[(String, String)], b: &[u8], now| {
+            verify(&app(), "POST", "/apps/3/events", p, b, now)
+        };
         assert!(check(&params, body, 1000 + 601).is_err());
         assert!(check(&params, body, 1000 - 601).is_err());
         assert!(check(&params, body, 1000 + 599).is_ok());
@@ -159,7 +188,11 @@ mod tests {
         let mut wrong_key = params.clone();
         wrong_key[0].1 = "other".into();
         assert!(check(&wrong_key, body, 1000).is_err());
-        let no_md5: Vec<_> = params.iter().filter(|(k, _)| k != "body_md5").cloned().collect();
+        let no_md5: Vec<_> = params
+            .iter()
+            .filter(|(k, _)| k != "body_md5")
+            .cloned()
+            .collect();
         let err = check(&no_md5, body, 1000).unwrap_err();
         assert!(err.to_string().contains("body_md5"), "{err}");
         assert!(verify(&app(), "GET", "/apps/3/events", &params, body, 1000).is_err());
@@ -168,9 +201,15 @@ mod tests {
     #[test]
     fn decodes_query_components() {
         assert_eq!(percent_decode("a%2Cb+c%"), "a,b c%");
-        assert_eq!(query_pairs("info=user_count%2Csubscription_count&x"), vec![
-            ("info".to_owned(), "user_count,subscription_count".to_owned()),
-            ("x".to_owned(), String::new())
-        ]);
+        assert_eq!(
+            query_pairs("info=user_count%2Csubscription_count&x"),
+            vec![
+                (
+                    "info".to_owned(),
+                    "user_count,subscription_count".to_owned()
+                ),
+                ("x".to_owned(), String::new())
+            ]
+        );
     }
 }

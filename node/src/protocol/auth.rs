@@ -59,7 +59,10 @@ mod tests {
         // From Pusher's auth signature docs: key 278d425bdf160c739803,
         // secret 7ad3773142a6692b25b8, socket 1234.1234, channel private-foobar.
         let sig = sign("7ad3773142a6692b25b8", "1234.1234:private-foobar");
-        assert_eq!(sig, "58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4");
+        assert_eq!(
+            sig,
+            "58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4"
+        );
         let auth = format!("278d425bdf160c739803:{sig}");
         assert!(verify_key_signature(
             "278d425bdf160c739803",
@@ -77,7 +80,12 @@ mod tests {
         assert!(!verify("s", "m2", &sig));
         assert!(!verify("s", "m", "zz"));
         assert!(!verify("s", "m", &sig[..10]));
-        assert!(!verify_key_signature("k", "s", "m", &format!("other:{sig}")));
+        assert!(!verify_key_signature(
+            "k",
+            "s",
+            "m",
+            &format!("other:{sig}")
+        ));
         assert!(!verify_key_signature("k", "s", "m", &sig));
     }
 

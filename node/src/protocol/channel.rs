@@ -110,7 +110,10 @@ mod tests {
         assert_eq!(kind("private-user.1"), ChannelKind::Private);
         assert_eq!(kind("private-cache-user.1"), ChannelKind::Private);
         assert_eq!(kind("private-encrypted-x"), ChannelKind::PrivateEncrypted);
-        assert_eq!(kind("private-encrypted-cache-x"), ChannelKind::PrivateEncrypted);
+        assert_eq!(
+            kind("private-encrypted-cache-x"),
+            ChannelKind::PrivateEncrypted
+        );
         assert_eq!(kind("presence-room"), ChannelKind::Presence);
         assert_eq!(kind("presence-cache-room"), ChannelKind::Presence);
         assert_eq!(kind("#server-to-user-42"), ChannelKind::ServerToUser);
@@ -120,7 +123,12 @@ mod tests {
 
     #[test]
     fn cache_channels_are_recognised() {
-        for n in ["cache-a", "private-cache-a", "presence-cache-a", "private-encrypted-cache-a"] {
+        for n in [
+            "cache-a",
+            "private-cache-a",
+            "presence-cache-a",
+            "private-encrypted-cache-a",
+        ] {
             assert!(ChannelName::parse(n).unwrap().is_cache(), "{n}");
         }
         for n in ["a", "private-a", "cachex"] {
@@ -131,13 +139,27 @@ mod tests {
     #[test]
     fn bad_names_are_refused() {
         assert_eq!(ChannelName::parse(""), Err(ChannelNameError::Empty));
-        assert_eq!(ChannelName::parse(&"a".repeat(165)), Err(ChannelNameError::TooLong));
-        assert!(ChannelName::parse(&"a".repeat(164)).is_ok());
-        assert_eq!(ChannelName::parse("a b"), Err(ChannelNameError::BadCharacter(' ')));
-        assert_eq!(ChannelName::parse("a#b"), Err(ChannelNameError::BadCharacter('#')));
-        assert_eq!(ChannelName::parse("#server-to-user-"), Err(ChannelNameError::Empty));
         assert_eq!(
-            ChannelName::parse("#server-to-user-7").unwrap().server_to_user_id(),
+            ChannelName::parse(&"a".repeat(165)),
+            Err(ChannelNameError::TooLong)
+        );
+        assert!(ChannelName::parse(&"a".repeat(164)).is_ok());
+        assert_eq!(
+            ChannelName::parse("a b"),
+            Err(ChannelNameError::BadCharacter(' '))
+        );
+        assert_eq!(
+            ChannelName::parse("a#b"),
+            Err(ChannelNameError::BadCharacter('#'))
+        );
+        assert_eq!(
+            ChannelName::parse("#server-to-user-"),
+            Err(ChannelNameError::Empty)
+        );
+        assert_eq!(
+            ChannelName::parse("#server-to-user-7")
+                .unwrap()
+                .server_to_user_id(),
             Some("7")
         );
     }

@@ -74,7 +74,10 @@ struct SigninData {
 
 /// pusher-js sends `data` as an object; some clients send it as a JSON
 /// string holding the object. Accept both.
-fn parse_data<T: for<'de> Deserialize<'de>>(event: &str, data: Option<&RawValue>) -> Result<T, FrameError> {
+fn parse_data<T: for<'de> Deserialize<'de>>(
+    event: &str,
+    data: Option<&RawValue>,
+) -> Result<T, FrameError> {
     let bad = |problem: String| FrameError::BadData {
         event: event.to_owned(),
         problem,
@@ -103,7 +106,8 @@ pub fn data_string(data: Option<&RawValue>) -> String {
 }
 
 pub fn parse(text: &str) -> Result<ClientMessage, FrameError> {
-    let frame: RawFrame = serde_json::from_str(text).map_err(|e| FrameError::NotJson(e.to_string()))?;
+    let frame: RawFrame =
+        serde_json::from_str(text).map_err(|e| FrameError::NotJson(e.to_string()))?;
     let event = frame.event.as_str();
     Ok(match event {
         "pusher:ping" => ClientMessage::Ping,
@@ -162,8 +166,14 @@ impl Encode {
     }
 
     /// A client event on a presence channel carries the sender's `user_id`.
-    pub fn event_with_user(event: &str, channel: Option<&str>, data: &str, user_id: Option<&str>) -> Utf8Bytes {
-        let mut buf = Vec::with_capacity(48 + event.len() + data.len() + channel.map_or(0, str::len));
+    pub fn event_with_user(
+        event: &str,
+        channel: Option<&str>,
+        data: &str,
+        user_id: Option<&str>,
+    ) -> Utf8Bytes {
+        let mut buf =
+            Vec::with_capacity(48 + event.len() + data.len() + channel.map_or(0, str::len));
         buf.extend_from_slice(b"{\"event\":");
         push_str(&mut buf, event);
         buf.extend_from_slice(b",\"data\":");
@@ -196,7 +206,8 @@ impl Encode {
     }
 
     pub fn connection_established(socket_id: &str, activity_timeout: u64) -> Utf8Bytes {
-        let data = format!("{{\"socket_id\":\"{socket_id}\",\"activity_timeout\":{activity_timeout}}}");
+        let data =
+            format!("{{\"socket_id\":\"{socket_id}\",\"activity_timeout\":{activity_timeout}}}");
         Self::event("pusher:connection_established", None, &data)
     }
 
@@ -232,7 +243,11 @@ impl Encode {
     }
 
     pub fn subscription_succeeded(channel: &str) -> Utf8Bytes {
-        Self::event("pusher_internal:subscription_succeeded", Some(channel), "{}")
+        Self::event(
+            "pusher_internal:subscription_succeeded",
+            Some(channel),
+            "{}",
+        )
     }
 
     /// Presence: `{"presence":{"count":N,"ids":[..],"hash":{id:info}}}` as a string.
@@ -260,7 +275,11 @@ impl Encode {
         ids.push(']');
         hash.push('}');
         let data = format!("{{\"presence\":{{\"count\":{count},\"ids\":{ids},\"hash\":{hash}}}}}");
-        Self::event("pusher_internal:subscription_succeeded", Some(channel), &data)
+        Self::event(
+            "pusher_internal:subscription_succeeded",
+            Some(channel),
+            &data,
+        )
     }
 
     pub fn member_added_data(user_id_json: &str, user_info: Option<&str>) -> String {
@@ -298,7 +317,8 @@ mod tests {
             channel_data: None,
         };
         assert_eq!(
-            parse(r#"{"event":"pusher:subscribe","data":{"channel":"private-a","auth":"k:s"}}"#).unwrap(),
+            parse(r#"{"event":"pusher:subscribe","data":{"channel":"private-a","auth":"k:s"}}"#)
+                .unwrap(),
             want
         );
         assert_eq!(
@@ -309,17 +329,29 @@ mod tests {
 
     #[test]
     fn malformed_frames_are_errors_not_panics() {
-        for bad in ["", "nope", "[]", "{}", r#"{"event":5}"#, r#"{"event":"pusher:subscribe"}"#,
-            r#"{"event":"pusher:subscribe","data":{"channel":7}}"#, r#"{"event":"client-x","data":{}}"#,
-            r#"{"event":"pusher:signin","data":"not json"}"#] {
+        for bad in [
+            "",
+            "nope",
+            "[]",
+            "{}",
+            r#"{"event":5}"#,
+            r#"{"event":"pusher:subscribe"}"#,
+            r#"{"event":"pusher:subscribe","data":{"channel":7}}"#,
+            r#"{"event":"client-x","data":{}}"#,
+            r#"{"event":"pusher:signin","data":"not json"}"#,
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
-        assert_eq!(parse(r#"{"event":"pusher:nope"}"#).unwrap(), ClientMessage::Unknown("pusher:nope".into()));
+        assert_eq!(
+            parse(r#"{"event":"pusher:nope"}"#).unwrap(),
+            ClientMessage::Unknown("pusher:nope".into())
+        );
     }
 
     #[test]
     fn client_event_data_is_kept_as_sent() {
-        let m = parse(r#"{"event":"client-typing","channel":"private-a","data":{"x":"y"}}"#).unwrap();
+        let m =
+            parse(r#"{"event":"client-typing","channel":"private-a","data":{"x":"y"}}"#).unwrap();
         assert_eq!(
             m,
             ClientMessage::ClientEvent {

@@ -22,10 +22,12 @@ impl SocketId {
         // (ids are used for exclusion, not for authority).
         use std::hash::{BuildHasher, Hasher};
         let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u128(std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0));
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
         let a = hasher.finish();
         hasher.write_u64(a);
         let b = hasher.finish();
@@ -34,7 +36,8 @@ impl SocketId {
 
     pub fn parse(s: &str) -> Option<Self> {
         let (a, b) = s.split_once('.')?;
-        let digits = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|c| c.is_ascii_digit());
+        let digits =
+            |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|c| c.is_ascii_digit());
         if !digits(a) || !digits(b) {
             return None;
         }

@@ -33,7 +33,10 @@ pub enum Action {
         member: Option<PresenceMember>,
     },
     /// Leave `channel`.
-    Unsubscribe { channel: ChannelName, presence: bool },
+    Unsubscribe {
+        channel: ChannelName,
+        presence: bool,
+    },
     /// Publish a client event to every other subscriber.
     ClientEvent {
         channel: ChannelName,
@@ -155,7 +158,11 @@ impl Session {
             } => self.subscribe(&channel, auth.as_deref(), channel_data.as_deref()),
             ClientMessage::Unsubscribe { channel } => self.unsubscribe(&channel),
             ClientMessage::Signin { auth, user_data } => self.signin(&auth, &user_data),
-            ClientMessage::ClientEvent { event, channel, data } => self.client_event(event, &channel, data, now),
+            ClientMessage::ClientEvent {
+                event,
+                channel,
+                data,
+            } => self.client_event(event, &channel, data, now),
             ClientMessage::Unknown(event) => vec![Action::Send(Encode::error(
                 None,
                 &format!("Unsupported event: {event}"),
@@ -163,13 +170,26 @@ impl Session {
         }
     }
 
-    fn subscribe(&mut self, name: &str, auth: Option<&str>, channel_data: Option<&str>) -> Vec<Action> {
+    fn subscribe(
+        &mut self,
+        name: &str,
+        auth: Option<&str>,
+        channel_data: Option<&str>,
+    ) -> Vec<Action> {
         let refuse = |code: u16, status: u16, message: String| {
-            vec![Action::Send(Encode::subscription_error(name, code, &message, status))]
+            vec![Action::Send(Encode::subscription_error(
+                name, code, &message, status,
+            ))]
         };
         let channel = match ChannelName::parse(name) {
             Ok(c) => c,
-            Err(e) => return refuse(code::UNAUTHORIZED, 400, format!("Invalid channel name: {e}")),
+            Err(e) => {
+                return refuse(
+                    code::UNAUTHORIZED,
+                    400,
+                    format!("Invalid channel name: {e}"),
+                )
+            }
         };
         if self.channels.contains_key(&channel) {
             // pusher-js re-subscribes after a reconnect only; a duplicate on the
@@ -177,18 +197,30 @@ impl Session {
             return Vec::new();
         }
         let kind = channel.kind();
-        if kind == ChannelKind::ServerToUser && channel.server_to_user_id() != self.user_id.as_deref() {
+        if kind == ChannelKind::ServerToUser
+            && channel.server_to_user_id() != self.user_id.as_deref()
+        {
             return refuse(
                 code::UNAUTHORIZED,
                 403,
                 "Only the signed-in user may join their #server-to-user channel".into(),
             );
         }
-        let presence_data = if kind == ChannelKind::Presence { channel_data } else { None };
+        let presence_data = if kind == ChannelKind::Presence {
+            channel_data
+        } else {
+            None
+        };
         if channel.needs_auth() {
             let message = auth::channel_message(&self.socket_id, name, presence_data);
-            if !auth.is_some_and(|a| auth::verify_key_signature(&self.app.key, &self.app.secret, &message, a)) {
-                return refuse(code::UNAUTHORIZED, 401, format!("Invalid signature for channel {name}"));
+            if !auth.is_some_and(|a| {
+                auth::verify_key_signature(&self.app.key, &self.app.secret, &message, a)
+            }) {
+                return refuse(
+                    code::UNAUTHORIZED,
+                    401,
+                    format!("Invalid signature for channel {name}"),
+                );
             }
         }
         let member = if kind == ChannelKind::Presence {
@@ -250,7 +282,8 @@ impl Session {
     }
 
     fn signin(&mut self, auth: &str, user_data: &str) -> Vec<Action> {
-        let error = |code: u16, message: &str| vec![Action::Send(Encode::error(Some(code), message))];
+        let error =
+            |code: u16, message: &str| vec![Action::Send(Encode::error(Some(code), message))];
         let message = auth::signin_message(&self.socket_id, user_data);
         if !auth::verify_key_signature(&self.app.key, &self.app.secret, &message, auth) {
             return error(code::UNAUTHORIZED, "Invalid signin signature");
@@ -275,13 +308,26 @@ impl Session {
         ]
     }
 
-    fn client_event(&mut self, event: String, name: &str, data: String, now: Instant) -> Vec<Action> {
-        let refuse = |message: String| vec![Action::Send(Encode::error(Some(code::UNAUTHORIZED), &message))];
+    fn client_event(
+        &mut self,
+        event: String,
+        name: &str,
+        data: String,
+        now: Instant,
+    ) -> Vec<Action> {
+        let refuse = |message: String| {
+            vec![Action::Send(Encode::error(
+                Some(code::UNAUTHORIZED),
+                &message,
+            ))]
+        };
         let Ok(channel) = ChannelName::parse(name) else {
             return refuse(format!("Invalid channel name {name:?}"));
         };
         let Some(joined) = self.channels.get(&channel) else {
-            return refuse(format!("Client event on {name}, which this connection has not joined"));
+            return refuse(format!(
+                "Client event on {name}, which this connection has not joined"
+            ));
         };
         let allowed = match (self.app.client_events, channel.kind()) {
             (ClientEvents::None, _) => false,
@@ -355,15 +401,23 @@ mod tests {
     fn public_subscribe_needs_no_auth() {
         let mut s = session();
         let actions = s.on_text(&subscribe_frame("orders", None, None), Instant::now());
-        assert!(matches!(&actions[..], [Action::Subscribe { member: None, .. }]));
+        assert!(matches!(
+            &actions[..],
+            [Action::Subscribe { member: None, .. }]
+        ));
         // A second subscribe on the same socket does nothing.
-        assert!(s.on_text(&subscribe_frame("orders", None, None), Instant::now()).is_empty());
+        assert!(s
+            .on_text(&subscribe_frame("orders", None, None), Instant::now())
+            .is_empty());
     }
 
     #[test]
     fn private_subscribe_checks_the_signature() {
         let mut s = session();
-        let bad = s.on_text(&subscribe_frame("private-a", Some("key:00".into()), None), Instant::now());
+        let bad = s.on_text(
+            &subscribe_frame("private-a", Some("key:00".into()), None),
+            Instant::now(),
+        );
         let frames = sent(&bad);
         assert_eq!(frames[0]["event"], "pusher:subscription_error");
         assert_eq!(frames[0]["data"]["status"], 401);
@@ -374,7 +428,10 @@ mod tests {
         assert!(matches!(&good[..], [Action::Subscribe { .. }]));
         // Another app's key with a valid signature for this secret is still refused.
         let other = format!("other:{}", auth::sign("secret", "1.2:private-b"));
-        let refused = s.on_text(&subscribe_frame("private-b", Some(other), None), Instant::now());
+        let refused = s.on_text(
+            &subscribe_frame("private-b", Some(other), None),
+            Instant::now(),
+        );
         assert_eq!(sent(&refused)[0]["event"], "pusher:subscription_error");
     }
 
@@ -383,11 +440,17 @@ mod tests {
         let mut s = session();
         let data = r#"{"user_id":42,"user_info":{"name":"Ada"}}"#;
         let actions = s.on_text(
-            &subscribe_frame("presence-room", Some(sign(&format!("1.2:presence-room:{data}"))), Some(data)),
+            &subscribe_frame(
+                "presence-room",
+                Some(sign(&format!("1.2:presence-room:{data}"))),
+                Some(data),
+            ),
             Instant::now(),
         );
         match &actions[..] {
-            [Action::Subscribe { member: Some(m), .. }] => {
+            [Action::Subscribe {
+                member: Some(m), ..
+            }] => {
                 assert_eq!(m.user_id, "42");
                 assert_eq!(m.user_id_json, "42");
                 assert_eq!(m.user_info.as_deref(), Some(r#"{"name":"Ada"}"#));
@@ -407,10 +470,17 @@ mod tests {
         let mut s = session();
         let data = format!(r#"{{"user_id":"u","user_info":"{}"}}"#, "x".repeat(2000));
         let actions = s.on_text(
-            &subscribe_frame("presence-r", Some(sign(&format!("1.2:presence-r:{data}"))), Some(&data)),
+            &subscribe_frame(
+                "presence-r",
+                Some(sign(&format!("1.2:presence-r:{data}"))),
+                Some(&data),
+            ),
             Instant::now(),
         );
-        assert!(sent(&actions)[0]["data"]["message"].as_str().unwrap().contains("user_info"));
+        assert!(sent(&actions)[0]["data"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("user_info"));
     }
 
     #[test]
@@ -424,16 +494,27 @@ mod tests {
     #[test]
     fn server_to_user_is_only_for_that_user() {
         let mut s = session();
-        let frames = sent(&s.on_text(&subscribe_frame("#server-to-user-7", None, None), Instant::now()));
+        let frames = sent(&s.on_text(
+            &subscribe_frame("#server-to-user-7", None, None),
+            Instant::now(),
+        ));
         assert_eq!(frames[0]["data"]["status"], 403);
         let user_data = r#"{"id":"7"}"#;
         let signin = serde_json::json!({"event":"pusher:signin","data":{"auth":sign(&format!("1.2::user::{user_data}")),"user_data":user_data}}).to_string();
         let actions = s.on_text(&signin, Instant::now());
         assert_eq!(sent(&actions)[0]["event"], "pusher:signin_success");
-        assert!(matches!(&actions[1], Action::SignedIn { user_id, previous: None } if user_id == "7"));
-        let ok = s.on_text(&subscribe_frame("#server-to-user-7", None, None), Instant::now());
+        assert!(
+            matches!(&actions[1], Action::SignedIn { user_id, previous: None } if user_id == "7")
+        );
+        let ok = s.on_text(
+            &subscribe_frame("#server-to-user-7", None, None),
+            Instant::now(),
+        );
         assert!(matches!(&ok[..], [Action::Subscribe { .. }]));
-        let frames = sent(&s.on_text(&subscribe_frame("#server-to-user-8", None, None), Instant::now()));
+        let frames = sent(&s.on_text(
+            &subscribe_frame("#server-to-user-8", None, None),
+            Instant::now(),
+        ));
         assert_eq!(frames[0]["event"], "pusher:subscription_error");
     }
 
@@ -448,7 +529,10 @@ mod tests {
         let ids: Vec<String> = (0..101).map(|i| i.to_string()).collect();
         let user_data = serde_json::json!({"id":"1","watchlist":ids}).to_string();
         let signin = serde_json::json!({"event":"pusher:signin","data":{"auth":sign(&format!("1.2::user::{user_data}")),"user_data":user_data}}).to_string();
-        assert_eq!(sent(&s.on_text(&signin, Instant::now()))[0]["data"]["code"], 4302);
+        assert_eq!(
+            sent(&s.on_text(&signin, Instant::now()))[0]["data"]["code"],
+            4302
+        );
         assert_eq!(s.user_id(), None);
     }
 
@@ -461,37 +545,74 @@ mod tests {
         let now = Instant::now();
         let mut s = session();
         s.on_text(&subscribe_frame("public", None, None), now);
-        s.on_text(&subscribe_frame("private-a", Some(sign("1.2:private-a")), None), now);
         s.on_text(
-            &subscribe_frame("private-encrypted-a", Some(sign("1.2:private-encrypted-a")), None),
+            &subscribe_frame("private-a", Some(sign("1.2:private-a")), None),
             now,
         );
-        assert_eq!(sent(&s.on_text(&client_event("public"), now))[0]["event"], "pusher:error");
-        assert_eq!(sent(&s.on_text(&client_event("private-encrypted-a"), now))[0]["event"], "pusher:error");
-        assert_eq!(sent(&s.on_text(&client_event("private-b"), now))[0]["event"], "pusher:error");
-        assert!(matches!(&s.on_text(&client_event("private-a"), now)[..], [Action::ClientEvent { user_id: None, .. }]));
+        s.on_text(
+            &subscribe_frame(
+                "private-encrypted-a",
+                Some(sign("1.2:private-encrypted-a")),
+                None,
+            ),
+            now,
+        );
+        assert_eq!(
+            sent(&s.on_text(&client_event("public"), now))[0]["event"],
+            "pusher:error"
+        );
+        assert_eq!(
+            sent(&s.on_text(&client_event("private-encrypted-a"), now))[0]["event"],
+            "pusher:error"
+        );
+        assert_eq!(
+            sent(&s.on_text(&client_event("private-b"), now))[0]["event"],
+            "pusher:error"
+        );
+        assert!(matches!(
+            &s.on_text(&client_event("private-a"), now)[..],
+            [Action::ClientEvent { user_id: None, .. }]
+        ));
 
         let mut all = Session::new(SocketId(1, 2), app(ClientEvents::All), now);
         all.on_text(&subscribe_frame("public", None, None), now);
-        assert!(matches!(&all.on_text(&client_event("public"), now)[..], [Action::ClientEvent { .. }]));
+        assert!(matches!(
+            &all.on_text(&client_event("public"), now)[..],
+            [Action::ClientEvent { .. }]
+        ));
 
         let mut none = Session::new(SocketId(1, 2), app(ClientEvents::None), now);
-        none.on_text(&subscribe_frame("private-a", Some(sign("1.2:private-a")), None), now);
-        assert_eq!(sent(&none.on_text(&client_event("private-a"), now))[0]["event"], "pusher:error");
+        none.on_text(
+            &subscribe_frame("private-a", Some(sign("1.2:private-a")), None),
+            now,
+        );
+        assert_eq!(
+            sent(&none.on_text(&client_event("private-a"), now))[0]["event"],
+            "pusher:error"
+        );
     }
 
     #[test]
     fn client_events_are_rate_limited_per_second() {
         let start = Instant::now();
         let mut s = session();
-        s.on_text(&subscribe_frame("private-a", Some(sign("1.2:private-a")), None), start);
+        s.on_text(
+            &subscribe_frame("private-a", Some(sign("1.2:private-a")), None),
+            start,
+        );
         for _ in 0..10 {
-            assert!(matches!(&s.on_text(&client_event("private-a"), start)[..], [Action::ClientEvent { .. }]));
+            assert!(matches!(
+                &s.on_text(&client_event("private-a"), start)[..],
+                [Action::ClientEvent { .. }]
+            ));
         }
         let over = sent(&s.on_text(&client_event("private-a"), start));
         assert_eq!(over[0]["data"]["code"], 4301);
         let later = start + Duration::from_millis(150);
-        assert!(matches!(&s.on_text(&client_event("private-a"), later)[..], [Action::ClientEvent { .. }]));
+        assert!(matches!(
+            &s.on_text(&client_event("private-a"), later)[..],
+            [Action::ClientEvent { .. }]
+        ));
     }
 
     #[test]
@@ -500,7 +621,11 @@ mod tests {
         let mut s = session();
         let data = r#"{"user_id":"u1"}"#;
         s.on_text(
-            &subscribe_frame("presence-r", Some(sign(&format!("1.2:presence-r:{data}"))), Some(data)),
+            &subscribe_frame(
+                "presence-r",
+                Some(sign(&format!("1.2:presence-r:{data}"))),
+                Some(data),
+            ),
             now,
         );
         assert!(matches!(
@@ -514,16 +639,39 @@ mod tests {
         let now = Instant::now();
         let mut s = session();
         s.on_text(&subscribe_frame("orders", None, None), now);
-        let actions = s.on_text(r#"{"event":"pusher:unsubscribe","data":{"channel":"orders"}}"#, now);
-        assert!(matches!(&actions[..], [Action::Unsubscribe { presence: false, .. }]));
-        assert!(s.on_text(r#"{"event":"pusher:unsubscribe","data":{"channel":"orders"}}"#, now).is_empty());
+        let actions = s.on_text(
+            r#"{"event":"pusher:unsubscribe","data":{"channel":"orders"}}"#,
+            now,
+        );
+        assert!(matches!(
+            &actions[..],
+            [Action::Unsubscribe {
+                presence: false,
+                ..
+            }]
+        ));
+        assert!(s
+            .on_text(
+                r#"{"event":"pusher:unsubscribe","data":{"channel":"orders"}}"#,
+                now
+            )
+            .is_empty());
     }
 
     #[test]
     fn ping_gets_pong_and_garbage_gets_an_error() {
         let mut s = session();
-        assert_eq!(sent(&s.on_text(r#"{"event":"pusher:ping","data":{}}"#, Instant::now()))[0]["event"], "pusher:pong");
-        assert_eq!(sent(&s.on_text("{not json", Instant::now()))[0]["event"], "pusher:error");
-        assert_eq!(sent(&s.on_text(r#"{"event":"pusher:bogus"}"#, Instant::now()))[0]["event"], "pusher:error");
+        assert_eq!(
+            sent(&s.on_text(r#"{"event":"pusher:ping","data":{}}"#, Instant::now()))[0]["event"],
+            "pusher:pong"
+        );
+        assert_eq!(
+            sent(&s.on_text("{not json", Instant::now()))[0]["event"],
+            "pusher:error"
+        );
+        assert_eq!(
+            sent(&s.on_text(r#"{"event":"pusher:bogus"}"#, Instant::now()))[0]["event"],
+            "pusher:error"
+        );
     }
 }
