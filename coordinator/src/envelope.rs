@@ -31,8 +31,9 @@ pub struct Envelope {
     pub event: String,
     #[serde(default)]
     pub data: String,
-    /// Event: the sender's user id on presence client events. Terminate: whose
-    /// connections to close.
+    /// Event: the sender's user id on presence client events, as JSON text
+    /// (`42` or `"ada"`), so its type reaches clients. Terminate: the plain
+    /// id whose connections to close.
     #[serde(default)]
     pub user_id: Option<String>,
     /// The socket that must not receive this event (the publisher's own tab).

@@ -103,6 +103,9 @@ pub struct AppConfig {
     pub client_event_rate: u32,
     /// How long a cache channel keeps its last event.
     pub cache_ttl_secs: u64,
+    /// Cluster mode: also take Laravel's Redis broadcaster messages, which it
+    /// PUBLISHes to `{prefix}{channel}` (e.g. "laravel_database_").
+    pub laravel_redis_prefix: Option<String>,
 }
 
 impl Default for AppConfig {
@@ -124,6 +127,7 @@ impl Default for AppConfig {
             max_user_info_bytes: 1_024,
             client_event_rate: 10,
             cache_ttl_secs: 1_800,
+            laravel_redis_prefix: None,
         }
     }
 }
@@ -139,6 +143,12 @@ pub struct Config {
     pub path_prefix: String,
     /// Cluster mode when set.
     pub redis_url: Option<String>,
+    /// Prefix of every Redis key and pub/sub channel Belfry uses.
+    pub redis_prefix: String,
+    /// Cluster mode: this node's name in Redis; defaults to host name, pid and a random suffix.
+    pub node_id: Option<String>,
+    /// Cluster mode: seconds a presence connection outlives its node's last refresh.
+    pub presence_ttl_secs: u64,
     /// Node-wide connection ceiling (admission control); 0 means none. Over it: 4100.
     pub max_connections: usize,
     /// Refuse new connections (4100) while the process's resident memory is above this; 0 means none.
@@ -160,6 +170,9 @@ impl Default for Config {
             metrics_port: 9601,
             path_prefix: String::new(),
             redis_url: None,
+            redis_prefix: "belfry".into(),
+            node_id: None,
+            presence_ttl_secs: 30,
             max_connections: 0,
             max_memory_mb: 0,
             send_queue_frames: 1_024,
@@ -307,6 +320,20 @@ impl Config {
                 }
             }
         }
+        let prefixes: Vec<&String> = self.apps.iter().filter_map(|a| a.laravel_redis_prefix.as_ref()).collect();
+        for (i, p) in prefixes.iter().enumerate() {
+            if p.is_empty() || p.starts_with(&format!("{}:", self.redis_prefix)) {
+                return invalid(format!(
+                    "laravel_redis_prefix {p:?} must be non-empty and not overlap redis_prefix"
+                ));
+            }
+            if prefixes[i + 1..].iter().any(|q| q.starts_with(p.as_str()) || p.starts_with(q.as_str())) {
+                return invalid(format!("laravel_redis_prefix {p:?} overlaps another app's"));
+            }
+        }
+        if self.presence_ttl_secs < 3 {
+            return invalid("presence_ttl_secs must be at least 3".into());
+        }
         if self.send_queue_frames == 0 {
             return invalid("send_queue_frames must be at least 1".into());
         }
@@ -386,7 +413,11 @@ mod tests {
         let docs = include_str!("../../docs/configuration.md");
         let config = Config {
             redis_url: Some(String::new()),
-            apps: vec![AppConfig::default()],
+            node_id: Some(String::new()),
+            apps: vec![AppConfig {
+                laravel_redis_prefix: Some(String::new()),
+                ..AppConfig::default()
+            }],
             ..Config::default()
         };
         let value = toml::Value::try_from(&config).unwrap();

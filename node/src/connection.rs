@@ -244,7 +244,7 @@ where
     };
     conn.leave_all(&mut session).await;
     node.untrack(socket_id);
-    app.close_connection(reason);
+    node.release(&app, reason);
     tracing::debug!(app = %app.config.id, socket_id = %socket_id, reason, "connection closed");
 }
 
@@ -369,6 +369,13 @@ impl Conn {
         } else {
             first.push(Encode::subscription_succeeded(name));
         }
+        if let Err(e) = self.node.subscription_added(app_id, name).await {
+            if let Some(m) = &added {
+                self.rollback_presence(name, m).await;
+            }
+            self.release_bus(name);
+            return Err(unavailable(e));
+        }
         if channel.is_cache() {
             match self.node.bus.cached(app_id, name).await {
                 Ok(Some(e)) => first.push(Encode::event_with_user(
@@ -397,6 +404,14 @@ impl Conn {
         Ok(())
     }
 
+    /// Undoes a presence join whose subscription could not complete.
+    async fn rollback_presence(&self, channel: &str, _member: &PresenceMember) {
+        let socket = self.handle.socket_id.to_string();
+        if let Ok(Some(_)) = self.node.presence.leave(&self.app.config.id, channel, &socket).await {
+            self.app.metrics.presence_members.decrement(1.0);
+        }
+    }
+
     /// Unsubscribes from the bus if no local subscriber is left on `channel`.
     fn release_bus(&self, channel: &str) {
         if self.app.occupancy(channel).subscriptions == 0 {
@@ -410,6 +425,7 @@ impl Conn {
         if self.app.remove_subscriber(name, self.handle.socket_id) {
             self.node.bus.unsubscribe(app_id, name);
         }
+        self.node.subscription_removed(app_id, name).await;
         if !presence {
             return;
         }

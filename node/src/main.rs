@@ -35,10 +35,10 @@ fn main() {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let prometheus = telemetry::install_recorder();
-    if config.redis_url.is_some() {
-        anyhow::bail!("cluster mode (--redis-url) is not available in this build yet");
-    }
-    let node = Node::embedded(config);
+    let node = match config.redis_url.clone() {
+        Some(url) => Node::clustered(config, &url).await.map_err(anyhow::Error::msg)?,
+        None => Node::embedded(config),
+    };
     let config = &node.config;
 
     let address = format!("{}:{}", config.host, config.port);
@@ -75,10 +75,11 @@ fn announce(node: &Arc<Node>) {
         format!("{}:{}", c.host, c.metrics_port)
     };
     tracing::info!(
-        "belfry-node listening on {}:{} (metrics {metrics}, {} app(s), embedded bus)",
+        "belfry-node listening on {}:{} (metrics {metrics}, {} app(s), {})",
         c.host,
         c.port,
-        c.apps.len()
+        c.apps.len(),
+        if node.is_clustered() { "Redis bus" } else { "embedded bus" }
     );
     if c.uses_dev_app() {
         let app = &c.apps[0];
@@ -108,5 +109,6 @@ async fn drain(node: &Arc<Node>) {
     {
         tracing::warn!("grace period over with connections still open; exiting");
     }
+    node.leave_cluster().await;
     node.shutdown.stop_accepting();
 }

@@ -6,8 +6,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use belfry_coordinator::keys::Keys;
+use belfry_coordinator::redis::bus::RedisBus;
+use belfry_coordinator::redis::occupancy::RedisOccupancy;
+use belfry_coordinator::redis::presence::RedisPresence;
+use belfry_coordinator::redis::Redis;
 use belfry_coordinator::{Bus, CacheTtl, LocalBus, MemoryPresence, PresenceStore};
 use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
@@ -25,6 +31,16 @@ pub struct Node {
     /// Connection tasks, so the drain can wait for them.
     pub tasks: TaskTracker,
     connections: Mutex<HashMap<SocketId, ConnHandle>>,
+    /// Cluster mode's shared bookkeeping; `None` on a single node.
+    cluster: Option<Cluster>,
+}
+
+/// What a node in cluster mode keeps in Redis besides the bus and presence.
+struct Cluster {
+    occupancy: Arc<RedisOccupancy>,
+    presence: Arc<RedisPresence>,
+    /// Stops the Redis bus's and heartbeat's tasks.
+    stop: CancellationToken,
 }
 
 /// Why a WebSocket is refused before it starts: the close code, the message
@@ -39,23 +55,53 @@ impl Node {
     /// A single node with the in-process bus and in-memory presence.
     pub fn embedded(config: Config) -> Arc<Node> {
         let registry = Arc::new(Registry::new(&config.apps));
-        let ttl = CacheTtl {
-            by_app: config
-                .apps
-                .iter()
-                .map(|a| (a.id.clone(), Duration::from_secs(a.cache_ttl_secs)))
-                .collect(),
-            default: Duration::from_secs(1800),
-        };
-        let bus = Arc::new(LocalBus::new(registry.clone(), ttl));
-        Self::new(config, registry, bus, Arc::new(MemoryPresence::default()))
+        let bus = Arc::new(LocalBus::new(registry.clone(), cache_ttl(&config)));
+        Self::new(config, registry, bus, Arc::new(MemoryPresence::default()), None)
     }
 
-    pub fn new(
+    /// A node of a cluster over Redis. It starts even while Redis is down
+    /// (reporting not-ready) and catches up when Redis comes.
+    pub async fn clustered(config: Config, redis_url: &str) -> Result<Arc<Node>, String> {
+        let redis = Redis::connect(redis_url).map_err(|e| format!("invalid Redis URL {redis_url:?}: {e}"))?;
+        if !redis.wait_connected(Duration::from_secs(5)).await {
+            tracing::warn!("Redis is not reachable yet; serving sockets and reporting not ready until it is");
+        }
+        let keys = Keys::new(&config.redis_prefix);
+        let node_id = config.node_id.clone().unwrap_or_else(default_node_id);
+        let registry = Arc::new(Registry::new(&config.apps));
+        let stop = CancellationToken::new();
+        let laravel = config
+            .apps
+            .iter()
+            .filter_map(|a| a.laravel_redis_prefix.clone().map(|p| (a.id.clone(), p)))
+            .collect();
+        let bus = Arc::new(RedisBus::start(
+            redis.clone(),
+            keys.clone(),
+            cache_ttl(&config),
+            laravel,
+            registry.clone(),
+            stop.clone(),
+        ));
+        let ttl = Duration::from_secs(config.presence_ttl_secs);
+        let presence = Arc::new(RedisPresence::new(redis.clone(), keys.clone(), node_id.clone(), ttl));
+        let occupancy = RedisOccupancy::start(redis.clone(), keys, node_id.clone(), stop.clone());
+        tokio::spawn(count_reconnects(redis, stop.clone()));
+        tracing::info!(node_id, "cluster mode over Redis");
+        let cluster = Cluster {
+            occupancy,
+            presence: presence.clone(),
+            stop,
+        };
+        Ok(Self::new(config, registry, bus, presence, Some(cluster)))
+    }
+
+    fn new(
         config: Config,
         registry: Arc<Registry>,
         bus: Arc<dyn Bus>,
         presence: Arc<dyn PresenceStore>,
+        cluster: Option<Cluster>,
     ) -> Arc<Node> {
         Arc::new(Node {
             config,
@@ -65,7 +111,66 @@ impl Node {
             shutdown: Shutdown::default(),
             tasks: TaskTracker::new(),
             connections: Mutex::new(HashMap::new()),
+            cluster,
         })
+    }
+
+    pub fn is_clustered(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// A local subscription began; counted before `subscription_succeeded`.
+    pub async fn subscription_added(&self, app: &str, channel: &str) -> Result<(), String> {
+        match &self.cluster {
+            Some(c) => c.occupancy.joined(app, channel).await,
+            None => Ok(()),
+        }
+    }
+
+    pub async fn subscription_removed(&self, app: &str, channel: &str) {
+        if let Some(c) = &self.cluster {
+            if let Err(e) = c.occupancy.left(app, channel).await {
+                tracing::warn!(error = %e, "occupancy not updated");
+            }
+        }
+    }
+
+    /// Subscriptions on `channel`, cluster-wide in cluster mode.
+    pub async fn subscription_count(&self, app: &AppRegistry, channel: &str) -> Result<usize, String> {
+        match &self.cluster {
+            Some(c) => c.occupancy.subscription_count(&app.config.id, channel).await,
+            None => Ok(app.occupancy(channel).subscriptions),
+        }
+    }
+
+    /// Occupied channels with their subscription counts, cluster-wide in cluster mode.
+    pub async fn channels(&self, app: &AppRegistry) -> Result<Vec<(String, usize)>, String> {
+        match &self.cluster {
+            Some(c) => c.occupancy.channels(&app.config.id).await,
+            None => Ok(app
+                .channels()
+                .into_iter()
+                .map(|(name, o)| (name, o.subscriptions))
+                .collect()),
+        }
+    }
+
+    /// A connection of `app` ended.
+    pub fn release(&self, app: &AppRegistry, reason: &'static str) {
+        app.close_connection(reason);
+        if let Some(c) = &self.cluster {
+            c.occupancy.connection_closed(&app.config.id);
+        }
+    }
+
+    /// After the drain: take this node off the cluster's books and stop the
+    /// Redis tasks.
+    pub async fn leave_cluster(&self) {
+        if let Some(c) = &self.cluster {
+            c.occupancy.leave_cluster().await;
+            c.presence.stop();
+            c.stop.cancel();
+        }
     }
 
     pub fn is_ready(&self) -> bool {
@@ -126,6 +231,44 @@ impl Node {
             );
         }
         handles.len()
+    }
+}
+
+fn cache_ttl(config: &Config) -> CacheTtl {
+    CacheTtl {
+        by_app: config
+            .apps
+            .iter()
+            .map(|a| (a.id.clone(), Duration::from_secs(a.cache_ttl_secs)))
+            .collect(),
+        default: Duration::from_secs(1800),
+    }
+}
+
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".into());
+    format!("{host}-{}-{}", std::process::id(), SocketId::random().1 % 100_000)
+}
+
+async fn count_reconnects(redis: Redis, stop: CancellationToken) {
+    use fred::interfaces::EventInterface;
+    let mut reconnects = redis.client.reconnect_rx();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = reconnects.recv() => match r {
+                Ok(server) => {
+                    crate::telemetry::redis_reconnect();
+                    tracing::info!(%server, "reconnected to Redis");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return,
+            }
+        }
     }
 }
 

@@ -158,11 +158,12 @@ fn health(node: &Node, path: &str) -> HttpResponse {
 fn tungstenite_config(app: Option<&AppConfig>) -> WebSocketConfig {
     let max = app.map_or(10_240, |a| a.max_message_bytes);
     // tungstenite's defaults keep 128 KiB buffers per socket; Pusher frames
-    // are small, so a small read buffer (it grows for a large message) and
-    // writes flushed per batch keep idle sockets cheap.
+    // are small, so a small read buffer (it grows for a large message) keeps
+    // idle sockets cheap. Frames fed between flushes collect in the write
+    // buffer, so a batch of queued frames leaves in one write.
     WebSocketConfig::default()
         .read_buffer_size(2 * 1024)
-        .write_buffer_size(0)
+        .write_buffer_size(64 * 1024)
         .max_write_buffer_size(4 * 1024 * 1024)
         .max_message_size(Some(max))
         .max_frame_size(Some(max))
@@ -221,7 +222,7 @@ fn websocket(node: Arc<Node>, mut req: Request<Incoming>, key: &str) -> HttpResp
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade failed");
                 if let (Ok(()), Some(app)) = (&verdict, &app) {
-                    app.close_connection("error");
+                    node.release(app, "error");
                 }
                 return;
             }

@@ -247,7 +247,10 @@ async fn dispatch(
                     "info=user_count is only for presence channels".into(),
                 ));
             }
-            let subscriptions = app.occupancy(channel.as_str()).subscriptions;
+            let subscriptions = node
+                .subscription_count(&app, channel.as_str())
+                .await
+                .map_err(ApiError::Unavailable)?;
             let mut out = serde_json::Map::new();
             out.insert("occupied".into(), json!(subscriptions > 0));
             let attributes = event_info(&info);
@@ -354,20 +357,26 @@ async fn channel_attributes(
 ) -> Result<Value, ApiError> {
     let mut out = serde_json::Map::new();
     if attributes.contains(&"subscription_count") {
-        out.insert(
-            "subscription_count".into(),
-            json!(app.occupancy(channel.as_str()).subscriptions),
-        );
+        let count = node
+            .subscription_count(app, channel.as_str())
+            .await
+            .map_err(ApiError::Unavailable)?;
+        out.insert("subscription_count".into(), json!(count));
     }
     if attributes.contains(&"user_count") && channel.kind() == ChannelKind::Presence {
-        let members = node
-            .presence
-            .members(&app.config.id, channel.as_str())
-            .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-        out.insert("user_count".into(), json!(members.len()));
+        out.insert("user_count".into(), json!(user_count(node, app, channel).await?));
     }
     Ok(Value::Object(out))
+}
+
+/// Distinct users on a presence channel.
+async fn user_count(node: &Node, app: &AppRegistry, channel: &ChannelName) -> Result<usize, ApiError> {
+    let members = node
+        .presence
+        .members(&app.config.id, channel.as_str())
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    Ok(members.len())
 }
 
 #[derive(Deserialize)]

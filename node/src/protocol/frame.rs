@@ -146,6 +146,14 @@ pub fn parse(text: &str) -> Result<ClientMessage, FrameError> {
     })
 }
 
+/// Whether `s` is the JSON text of a number or a string, safe to embed as is.
+fn is_json_id(s: &str) -> bool {
+    matches!(
+        serde_json::from_str::<serde_json::Value>(s),
+        Ok(serde_json::Value::Number(_) | serde_json::Value::String(_))
+    )
+}
+
 /// Encodes frames. Every function returns ready-to-send bytes.
 pub struct Encode;
 
@@ -184,7 +192,12 @@ impl Encode {
         }
         if let Some(user_id) = user_id {
             buf.extend_from_slice(b",\"user_id\":");
-            push_str(&mut buf, user_id);
+            if is_json_id(user_id) {
+                buf.extend_from_slice(user_id.as_bytes());
+            } else {
+                // An external publisher sent a bare id: make it a JSON string.
+                push_str(&mut buf, user_id);
+            }
         }
         buf.push(b'}');
         finish(buf)
@@ -380,7 +393,15 @@ mod tests {
         );
         assert_eq!(
             Encode::event_with_user("client-a", Some("presence-r"), "x", Some("7")).as_str(),
-            r#"{"event":"client-a","data":"x","channel":"presence-r","user_id":"7"}"#
+            r#"{"event":"client-a","data":"x","channel":"presence-r","user_id":7}"#
+        );
+        assert_eq!(
+            Encode::event_with_user("client-a", Some("presence-r"), "x", Some("\"u\"")).as_str(),
+            r#"{"event":"client-a","data":"x","channel":"presence-r","user_id":"u"}"#
+        );
+        assert_eq!(
+            Encode::event_with_user("client-a", Some("presence-r"), "x", Some("bare id")).as_str(),
+            r#"{"event":"client-a","data":"x","channel":"presence-r","user_id":"bare id"}"#
         );
     }
 

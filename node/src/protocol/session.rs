@@ -55,7 +55,8 @@ pub enum Action {
 /// What the session remembers about one joined channel.
 #[derive(Debug, Clone)]
 pub struct Joined {
-    /// The presence user this connection joined as.
+    /// The presence user this connection joined as, as the JSON text of its
+    /// id (client events carry it with its type: Laravel ids are integers).
     pub presence_user: Option<String>,
 }
 
@@ -234,7 +235,7 @@ impl Session {
         self.channels.insert(
             channel.clone(),
             Joined {
-                presence_user: member.as_ref().map(|m| m.user_id.clone()),
+                presence_user: member.as_ref().map(|m| m.user_id_json.clone()),
             },
         );
         vec![Action::Subscribe { channel, member }]
@@ -630,7 +631,7 @@ mod tests {
         );
         assert!(matches!(
             &s.on_text(&client_event("presence-r"), now)[..],
-            [Action::ClientEvent { user_id: Some(u), .. }] if u == "u1"
+            [Action::ClientEvent { user_id: Some(u), .. }] if u == "\"u1\""
         ));
     }
 

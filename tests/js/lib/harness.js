@@ -1,0 +1,748 @@
+'use strict';
+// Test harness for the belfry-node end-to-end suite: starts the real binary (and redis-server for
+// cluster tests), builds real pusher-js / Laravel Echo / Pusher SDK clients against it, and offers
+// raw WebSocket and hand-signed HTTP helpers for the protocol-level tests.
+
+const { spawn } = require('node:child_process');
+const crypto = require('node:crypto');
+const fs = require('node:fs');
+const net = require('node:net');
+const os = require('node:os');
+const path = require('node:path');
+
+const PusherJS = require('pusher-js');
+const PusherSDK = require('pusher');
+const WebSocket = require('ws');
+
+const REPO_ROOT = path.resolve(__dirname, '..', '..', '..');
+const NODE_BIN = process.env.BELFRY_NODE_BIN || path.join(REPO_ROOT, 'target', 'release', 'belfry-node');
+const HOST = '127.0.0.1';
+
+// ---------------------------------------------------------------------------------------------
+// small utilities
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** A free TCP port on 127.0.0.1 (bind to 0, read it, release it). */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, HOST, () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/** Rejects with `message` after `ms` unless `promise` settles first. */
+function withTimeout(promise, ms, message) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timeout after ${ms} ms: ${message}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/** Polls `fn` until it returns a truthy value (returned) or `ms` passes (throws). */
+async function eventually(fn, { timeout = 3000, interval = 50, message = 'condition' } = {}) {
+  const deadline = Date.now() + timeout;
+  let last;
+  for (;;) {
+    try {
+      last = await fn();
+      if (last) return last;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`timeout after ${timeout} ms waiting for ${message}; last: ${last instanceof Error ? last.message : JSON.stringify(last)}`);
+    }
+    await sleep(interval);
+  }
+}
+
+function hmacHex(secret, text) {
+  return crypto.createHmac('sha256', secret).update(text).digest('hex');
+}
+
+function md5Hex(text) {
+  return crypto.createHash('md5').update(text).digest('hex');
+}
+
+function uniq(prefix = 'c') {
+  return `${prefix}${Date.now().toString(36)}${crypto.randomBytes(3).toString('hex')}`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// TOML config
+
+function tomlValue(v) {
+  if (typeof v === 'string') return JSON.stringify(v);
+  if (typeof v === 'number' || typeof v === 'bigint') return String(v);
+  if (typeof v === 'boolean') return v ? 'true' : 'false';
+  if (Array.isArray(v)) return `[${v.map(tomlValue).join(', ')}]`;
+  throw new Error(`cannot encode ${typeof v} as TOML`);
+}
+
+function toToml(top, apps) {
+  const lines = [];
+  for (const [k, v] of Object.entries(top)) {
+    if (v === undefined || v === null) continue;
+    lines.push(`${k} = ${tomlValue(v)}`);
+  }
+  for (const app of apps) {
+    lines.push('', '[[apps]]');
+    for (const [k, v] of Object.entries(app)) {
+      if (v === undefined || v === null) continue;
+      lines.push(`${k} = ${tomlValue(v)}`);
+    }
+  }
+  return lines.join('\n') + '\n';
+}
+
+/** Fills an app definition: key and secret derive from the id unless given. */
+function makeApp(def) {
+  const app = typeof def === 'string' ? { id: def } : { ...def };
+  if (!app.id) throw new Error('app needs an id');
+  app.key = app.key || `${app.id}-key`;
+  app.secret = app.secret || `${app.id}-secret`;
+  return app;
+}
+
+// ---------------------------------------------------------------------------------------------
+// processes
+
+const liveProcesses = new Set();
+function killAllChildren() {
+  for (const p of liveProcesses) {
+    try { p.kill('SIGKILL'); } catch { /* already gone */ }
+  }
+}
+process.on('exit', killAllChildren);
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+  process.once(sig, () => { killAllChildren(); process.exit(130); });
+}
+
+function captureOutput(child, limit = 256 * 1024) {
+  const out = { text: '' };
+  const add = (chunk) => {
+    out.text += chunk.toString();
+    if (out.text.length > limit) out.text = out.text.slice(-limit);
+  };
+  if (child.stdout) child.stdout.on('data', add);
+  if (child.stderr) child.stderr.on('data', add);
+  return out;
+}
+
+function waitExit(child, ms) {
+  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve(true);
+  return new Promise((resolve) => {
+    const t = setTimeout(() => resolve(false), ms);
+    child.once('exit', () => { clearTimeout(t); resolve(true); });
+  });
+}
+
+async function stopChild(child, graceMs) {
+  if (!child || child.exitCode !== null || child.signalCode !== null) return;
+  child.kill('SIGTERM');
+  if (!(await waitExit(child, graceMs))) {
+    child.kill('SIGKILL');
+    await waitExit(child, 5000);
+  }
+}
+
+/** Environment for a child with every BELFRY_/REVERB_ variable of ours removed (hermetic runs). */
+function cleanEnv(extra = {}) {
+  const env = {};
+  for (const [k, v] of Object.entries(process.env)) {
+    if (k.startsWith('BELFRY_') || k.startsWith('REVERB_')) continue;
+    env[k] = v;
+  }
+  if (!env.RUST_LOG) env.RUST_LOG = 'info';
+  return { ...env, ...extra };
+}
+
+/**
+ * Starts belfry-node with a generated TOML config.
+ * options: apps (array of app defs or ids), node (extra top-level settings), redisUrl, args, env,
+ *          pathPrefix, metrics (default true), readyTimeout.
+ * Returns { port, metricsPort, apps: {id: app}, app (first), url(), wsUrl(), output(), stop(), kill() }.
+ */
+async function startNode(options = {}) {
+  if (!fs.existsSync(NODE_BIN)) {
+    throw new Error(`belfry-node binary not found at ${NODE_BIN}; build it (cargo build --release -p belfry-node) or set BELFRY_NODE_BIN`);
+  }
+  const apps = (options.apps || ['app1']).map(makeApp);
+  const port = options.port || await freePort();
+  const metricsPort = options.metrics === false ? 0 : (options.metricsPort || await freePort());
+  const pathPrefix = options.pathPrefix || '';
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'belfry-e2e-'));
+  const configFile = path.join(dir, 'belfry.toml');
+  const top = {
+    host: HOST,
+    port,
+    metrics_port: metricsPort,
+    path_prefix: pathPrefix,
+    shutdown_grace_secs: 2,
+    ...(options.node || {}),
+  };
+  // The SDK-side encryption key is not server config.
+  const serverApps = apps.map(({ encryptionMasterKeyBase64, ...rest }) => rest);
+  fs.writeFileSync(configFile, toToml(top, serverApps));
+
+  const args = ['--config', configFile, ...(options.redisUrl ? ['--redis-url', options.redisUrl] : []), ...(options.args || [])];
+  const child = spawn(NODE_BIN, args, {
+    env: cleanEnv({ BELFRY_LOG_FORMAT: 'pretty', ...(options.env || {}) }),
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  liveProcesses.add(child);
+  child.once('exit', () => liveProcesses.delete(child));
+  const out = captureOutput(child);
+
+  const node = {
+    child,
+    pid: child.pid,
+    port,
+    metricsPort,
+    pathPrefix,
+    configFile,
+    dir,
+    apps: Object.fromEntries(apps.map((a) => [a.id, a])),
+    app: apps[0],
+    output: () => out.text,
+    url: (p) => `http://${HOST}:${port}${p}`,
+    metricsUrl: (p = '/metrics') => `http://${HOST}:${metricsPort}${p}`,
+    wsUrl: (key, query = 'protocol=7&client=js&version=8.4.0&flash=false') =>
+      `ws://${HOST}:${port}${pathPrefix}/app/${key}${query ? `?${query}` : ''}`,
+    get alive() { return child.exitCode === null && child.signalCode === null; },
+    async stop(graceMs = 4000) {
+      await stopChild(child, graceMs);
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+    async kill() {
+      if (node.alive) child.kill('SIGKILL');
+      await waitExit(child, 5000);
+    },
+  };
+
+  const deadline = Date.now() + (options.readyTimeout || 15000);
+  for (;;) {
+    if (!node.alive) {
+      throw new Error(`belfry-node exited early (code ${child.exitCode}, signal ${child.signalCode}). Config:\n${fs.readFileSync(configFile, 'utf8')}\nOutput:\n${out.text}`);
+    }
+    try {
+      const res = await fetch(node.url(`${pathPrefix}/up`));
+      if (res.status === 200) { await res.text(); break; }
+      await res.text();
+    } catch { /* not listening yet */ }
+    if (Date.now() > deadline) {
+      await stopChild(child, 1000);
+      throw new Error(`belfry-node did not answer GET /up within the timeout. Output:\n${out.text}`);
+    }
+    await sleep(50);
+  }
+  return node;
+}
+
+/** Starts a throwaway redis-server on a free port (no persistence). */
+async function startRedis(options = {}) {
+  const port = options.port || await freePort();
+  const redis = {
+    port,
+    url: `redis://${HOST}:${port}`,
+    child: null,
+    out: null,
+    output: () => (redis.out ? redis.out.text : ''),
+    async start() {
+      const child = spawn('redis-server', ['--port', String(port), '--bind', HOST, '--save', '', '--appendonly', 'no'], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      liveProcesses.add(child);
+      child.once('exit', () => liveProcesses.delete(child));
+      redis.child = child;
+      redis.out = captureOutput(child);
+      await eventually(async () => (await redisPing(port)) === '+PONG', {
+        timeout: 10000,
+        message: `redis-server on ${port}`,
+      });
+      return redis;
+    },
+    async stop() { await stopChild(redis.child, 3000); },
+    async kill() {
+      if (redis.child && redis.child.exitCode === null) redis.child.kill('SIGKILL');
+      await waitExit(redis.child, 5000);
+    },
+    async restart() { await redis.stop(); await redis.start(); },
+  };
+  return redis.start();
+}
+
+function redisPing(port) {
+  return new Promise((resolve, reject) => {
+    const sock = net.connect(port, HOST);
+    let buf = '';
+    sock.setTimeout(1000, () => { sock.destroy(); reject(new Error('redis ping timeout')); });
+    sock.on('error', reject);
+    sock.on('connect', () => sock.write('PING\r\n'));
+    sock.on('data', (d) => {
+      buf += d.toString();
+      if (buf.includes('\r\n')) { sock.end(); resolve(buf.trim()); }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// clients: tracked so each test can close what it opened
+
+const openClients = new Set();
+
+function track(client, close) {
+  const entry = { client, close };
+  openClients.add(entry);
+  return entry;
+}
+
+/** Closes every client (pusher-js, Echo, raw) opened since the last call. */
+async function cleanupClients() {
+  const entries = [...openClients];
+  openClients.clear();
+  for (const e of entries) {
+    try { await e.close(); } catch { /* ignore */ }
+  }
+}
+
+/** A fixed 32-byte encryption master key per app id (SDK side only). */
+function masterKeyFor(app) {
+  return app.encryptionMasterKeyBase64 || crypto.createHash('sha256').update(`master-${app.id}`).digest('base64');
+}
+
+/** Pusher server SDK pointed at the node. */
+function sdk(node, app = node.app, extra = {}) {
+  return new PusherSDK({
+    appId: app.id,
+    key: app.key,
+    secret: app.secret,
+    host: HOST,
+    port: String(node.port),
+    useTLS: false,
+    encryptionMasterKeyBase64: masterKeyFor(app),
+    timeout: 10000,
+    ...extra,
+  });
+}
+
+/**
+ * pusher-js client connected to the node. Channel authorization and user authentication are
+ * computed locally with the Pusher SDK (no Laravel app).
+ * opts: user ({user_id, user_info}) for presence, userData ({id, ...}) for signin,
+ *       badAuth (true or (channelName) => bool) to sign with a wrong secret, authorize(override),
+ *       pusherOptions (merged into the pusher-js options), connect (default true).
+ */
+function pusherClient(node, app = node.app, opts = {}) {
+  const signer = sdk(node, app);
+  const wrongSigner = sdk(node, { ...app, secret: `${app.secret}-wrong` });
+  const channelAuthorization = {
+    customHandler: ({ socketId, channelName }, callback) => {
+      try {
+        if (opts.authorize) return callback(null, opts.authorize(socketId, channelName));
+        const bad = typeof opts.badAuth === 'function' ? opts.badAuth(channelName) : !!opts.badAuth;
+        const s = bad ? wrongSigner : signer;
+        const presence = channelName.startsWith('presence-') ? (opts.user || { user_id: `u-${socketId}` }) : undefined;
+        callback(null, s.authorizeChannel(socketId, channelName, presence));
+      } catch (e) {
+        callback(e, null);
+      }
+    },
+  };
+  const userAuthentication = {
+    customHandler: ({ socketId }, callback) => {
+      try {
+        if (!opts.userData) throw new Error('no userData given for signin');
+        callback(null, signer.authenticateUser(socketId, opts.userData));
+      } catch (e) {
+        callback(e, null);
+      }
+    },
+  };
+  const client = new PusherJS(app.key, {
+    wsHost: HOST,
+    wsPort: node.port,
+    wssPort: node.port,
+    wsPath: node.pathPrefix || '',
+    forceTLS: false,
+    enabledTransports: ['ws'],
+    disableStats: true,
+    cluster: 'mt1',
+    channelAuthorization,
+    userAuthentication,
+    ...(opts.pusherOptions || {}),
+  });
+  track(client, () => client.disconnect());
+  return client;
+}
+
+/** Resolves when the pusher-js client is connected (returns its socket_id). */
+function connected(client, timeout = 5000) {
+  if (client.connection.state === 'connected') return Promise.resolve(client.connection.socket_id);
+  return withTimeout(new Promise((resolve, reject) => {
+    const onChange = ({ current }) => {
+      if (current === 'connected') {
+        client.connection.unbind('state_change', onChange);
+        resolve(client.connection.socket_id);
+      } else if (current === 'failed') {
+        client.connection.unbind('state_change', onChange);
+        reject(new Error('pusher-js connection failed'));
+      }
+    };
+    client.connection.bind('state_change', onChange);
+  }), timeout, 'pusher-js connected');
+}
+
+/** Subscribes a pusher-js client and resolves with the channel once subscription_succeeded arrives. */
+function subscribed(client, name, timeout = 5000) {
+  const channel = client.subscribe(name);
+  if (channel.subscribed) return Promise.resolve(channel);
+  return withTimeout(new Promise((resolve, reject) => {
+    const ok = () => { off(); resolve(channel); };
+    const err = (e) => { off(); const er = new Error(`subscription_error on ${name}: ${JSON.stringify(e)}`); er.data = e; reject(er); };
+    const off = () => { channel.unbind('pusher:subscription_succeeded', ok); channel.unbind('pusher:subscription_error', err); };
+    channel.bind('pusher:subscription_succeeded', ok);
+    channel.bind('pusher:subscription_error', err);
+  }), timeout, `subscription to ${name}`);
+}
+
+/** Resolves with the data of the next `event` on a pusher-js emitter (channel, connection, user). */
+function waitForEvent(target, event, { timeout = 3000, filter } = {}) {
+  return withTimeout(new Promise((resolve) => {
+    const handler = (data, meta) => {
+      if (filter && !filter(data, meta)) return;
+      target.unbind(event, handler);
+      resolve(data);
+    };
+    target.bind(event, handler);
+  }), timeout, `event ${event}`);
+}
+
+/** Collects every `event` on a pusher-js emitter into an array (returns { items, stop }). */
+function collect(target, event) {
+  const items = [];
+  const handler = (data, meta) => items.push({ data, meta });
+  target.bind(event, handler);
+  return { items, stop: () => target.unbind(event, handler) };
+}
+
+/** Throws if `event` fires on the pusher-js emitter within `ms`. */
+async function expectNoEvent(target, event, ms = 500) {
+  const seen = [];
+  const handler = (data) => seen.push(data);
+  target.bind(event, handler);
+  await sleep(ms);
+  target.unbind(event, handler);
+  if (seen.length) throw new Error(`expected no ${event} within ${ms} ms, got ${JSON.stringify(seen)}`);
+}
+
+let EchoClass;
+/** Laravel Echo (ESM package, loaded lazily) wrapping a pusher-js client built by pusherClient(). */
+async function echoClient(node, app = node.app, opts = {}) {
+  if (!EchoClass) EchoClass = (await import('laravel-echo')).default;
+  const client = opts.client || pusherClient(node, app, opts);
+  const echo = new EchoClass({
+    broadcaster: opts.broadcaster || 'reverb',
+    key: app.key,
+    wsHost: HOST,
+    wsPort: node.port,
+    forceTLS: false,
+    enabledTransports: ['ws'],
+    client,
+  });
+  track(echo, () => echo.disconnect());
+  await connected(client);
+  return echo;
+}
+
+// ---------------------------------------------------------------------------------------------
+// raw WebSocket client
+
+function parseFrame(text) {
+  let msg;
+  try { msg = JSON.parse(text); } catch { return { raw: text, invalid: true }; }
+  const frame = { raw: text, msg, event: msg && msg.event, channel: msg && msg.channel, dataIsString: typeof (msg && msg.data) === 'string' };
+  frame.data = msg ? msg.data : undefined;
+  if (frame.dataIsString) {
+    try { frame.data = JSON.parse(msg.data); } catch { /* keep the string */ }
+  }
+  return frame;
+}
+
+class RawClient {
+  constructor(url, { origin, headers, wsOptions } = {}) {
+    this.url = url;
+    this.frames = [];
+    this.cursor = 0;
+    this.waiters = [];
+    this.closeInfo = null;
+    this.ws = new WebSocket(url, { origin, headers, ...(wsOptions || {}) });
+    this.opened = new Promise((resolve, reject) => {
+      this.ws.once('open', resolve);
+      this.ws.once('error', reject);
+      this.ws.once('unexpected-response', (req, res) => reject(new Error(`HTTP ${res.statusCode} on upgrade`)));
+    });
+    this.opened.catch(() => {});
+    this.closed = new Promise((resolve) => {
+      this.ws.once('close', (code, reason) => {
+        this.closeInfo = { code, reason: reason.toString() };
+        resolve(this.closeInfo);
+        this._notify();
+      });
+    });
+    this.ws.on('error', () => {});
+    this.ws.on('message', (data, isBinary) => {
+      const frame = isBinary ? { raw: data, binary: true } : parseFrame(data.toString());
+      frame.at = Date.now();
+      this.frames.push(frame);
+      this._notify();
+    });
+    track(this, () => this.close());
+  }
+
+  _notify() {
+    for (const w of [...this.waiters]) w();
+  }
+
+  /** Next not-yet-taken frame matching `pred` (any frame received so far counts). */
+  next(pred = () => true, timeout = 3000, what = 'frame') {
+    const p = typeof pred === 'string' ? ((f) => f.event === pred) : pred;
+    const label = typeof pred === 'string' ? pred : what;
+    return withTimeout(new Promise((resolve, reject) => {
+      const check = () => {
+        for (let i = 0; i < this.frames.length; i++) {
+          const f = this.frames[i];
+          if (!f.taken && p(f)) {
+            f.taken = true;
+            this.waiters = this.waiters.filter((w) => w !== check);
+            resolve(f);
+            return;
+          }
+        }
+        if (this.closeInfo) {
+          this.waiters = this.waiters.filter((w) => w !== check);
+          reject(new Error(`socket closed (${this.closeInfo.code} ${this.closeInfo.reason}) while waiting for ${label}; frames: ${this.describe()}`));
+        }
+      };
+      this.waiters.push(check);
+      check();
+    }), timeout, `${label} on ${this.url}; frames so far: ${this.describe()}`);
+  }
+
+  /** Throws if a frame matching `pred` arrives (or already arrived untaken) within `ms`. */
+  async expectNone(pred, ms = 500) {
+    const p = typeof pred === 'string' ? ((f) => f.event === pred) : pred;
+    await sleep(ms);
+    const bad = this.frames.filter((f) => !f.taken && p(f));
+    if (bad.length) throw new Error(`unexpected frame(s): ${bad.map((f) => f.raw).join(' | ')}`);
+  }
+
+  describe() {
+    return this.frames.slice(-10).map((f) => (f.binary ? '<binary>' : f.raw)).join(' | ') || '(none)';
+  }
+
+  send(obj) {
+    this.ws.send(typeof obj === 'string' || Buffer.isBuffer(obj) ? obj : JSON.stringify(obj));
+  }
+
+  /** Waits for pusher:connection_established and records the socket id. */
+  async established(timeout = 3000) {
+    const f = await this.next('pusher:connection_established', timeout);
+    this.socketId = f.data.socket_id;
+    this.activityTimeout = f.data.activity_timeout;
+    this.establishedFrame = f;
+    return f;
+  }
+
+  /** Sends pusher:subscribe and resolves with the subscription_succeeded or *error frame. */
+  async subscribe(channel, extra = {}, timeout = 3000) {
+    const from = this.frames.length;
+    this.send({ event: 'pusher:subscribe', data: { channel, ...extra } });
+    return this.next(
+      (f) => this.frames.indexOf(f) >= from && ((f.event === 'pusher_internal:subscription_succeeded' && f.channel === channel) ||
+        (f.event === 'pusher:subscription_error' && (f.channel === channel || f.channel === undefined)) ||
+        f.event === 'pusher:error'),
+      timeout,
+      `subscription result for ${channel}`,
+    );
+  }
+
+  async ping(timeout = 3000) {
+    this.send({ event: 'pusher:ping', data: {} });
+    return this.next('pusher:pong', timeout);
+  }
+
+  get isOpen() { return this.ws.readyState === WebSocket.OPEN; }
+
+  close() {
+    if (this.ws.readyState === WebSocket.OPEN || this.ws.readyState === WebSocket.CONNECTING) {
+      try { this.ws.close(1000); } catch { /* ignore */ }
+      setTimeout(() => { try { this.ws.terminate(); } catch { /* ignore */ } }, 500).unref();
+    }
+    return Promise.race([this.closed, sleep(1000)]);
+  }
+
+  terminate() { this.ws.terminate(); }
+}
+
+/** Raw client on the app's key, after connection_established. */
+async function rawClient(node, app = node.app, options = {}) {
+  const c = new RawClient(node.wsUrl(options.key || app.key, options.query), options);
+  await c.established(options.timeout || 3000);
+  return c;
+}
+
+/** Auth fields for a raw subscribe (private/presence/encrypted), signed with the app secret. */
+function rawAuth(app, socketId, channel, channelData) {
+  const data = channelData === undefined ? undefined : (typeof channelData === 'string' ? channelData : JSON.stringify(channelData));
+  const sig = hmacHex(app.secret, data === undefined ? `${socketId}:${channel}` : `${socketId}:${channel}:${data}`);
+  const out = { auth: `${app.key}:${sig}` };
+  if (data !== undefined) out.channel_data = data;
+  return out;
+}
+
+/** Data for a raw pusher:signin. */
+function rawSignin(app, socketId, userData) {
+  const ud = typeof userData === 'string' ? userData : JSON.stringify(userData);
+  return { auth: `${app.key}:${hmacHex(app.secret, `${socketId}::user::${ud}`)}`, user_data: ud };
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+
+/**
+ * A hand-signed API request. opts: method, path (without prefix, e.g. /apps/app1/events),
+ * params (extra query), body (object or string), key, secret, timestamp, bodyMd5 (override),
+ * signature (override), omit (list of auth params to leave out).
+ */
+async function signedRequest(node, app, opts) {
+  const method = (opts.method || 'GET').toUpperCase();
+  const body = opts.body === undefined ? undefined : (typeof opts.body === 'string' ? opts.body : JSON.stringify(opts.body));
+  const params = {
+    auth_key: opts.key || app.key,
+    auth_timestamp: String(opts.timestamp !== undefined ? opts.timestamp : Math.floor(Date.now() / 1000)),
+    auth_version: '1.0',
+    ...(opts.params || {}),
+  };
+  if (body) params.body_md5 = opts.bodyMd5 !== undefined ? opts.bodyMd5 : md5Hex(body);
+  for (const k of opts.omit || []) delete params[k];
+  const query = Object.keys(params).sort().map((k) => `${k.toLowerCase()}=${params[k]}`).join('&');
+  const signature = opts.signature || hmacHex(opts.secret || app.secret, `${method}\n${opts.path}\n${query}`);
+  const qs = opts.omit && opts.omit.includes('auth_signature') ? query : `${query}&auth_signature=${signature}`;
+  const res = await fetch(node.url(`${node.pathPrefix || ''}${opts.path}?${qs}`), {
+    method,
+    body,
+    headers: body ? { 'content-type': 'application/json' } : {},
+  });
+  const text = await res.text();
+  let json;
+  try { json = JSON.parse(text); } catch { /* not JSON */ }
+  return { status: res.status, text, json, headers: res.headers };
+}
+
+/** Runs an SDK call and returns { status, json, text } whether it succeeded or failed. */
+async function sdkResult(promise) {
+  try {
+    const res = await promise;
+    const text = await res.text();
+    let json;
+    try { json = JSON.parse(text); } catch { /* not JSON */ }
+    return { status: res.status, json, text };
+  } catch (e) {
+    if (e && e.status) {
+      let json;
+      try { json = JSON.parse(e.body); } catch { /* not JSON */ }
+      return { status: e.status, json, text: e.body || '' };
+    }
+    throw e;
+  }
+}
+
+async function getMetrics(node) {
+  const res = await fetch(node.metricsUrl('/metrics'));
+  return { status: res.status, text: await res.text() };
+}
+
+/** Value of a Prometheus sample whose labels include every pair in `labels` (undefined if absent). */
+function metricValue(text, name, labels = {}) {
+  for (const line of text.split('\n')) {
+    if (!line.startsWith(name)) continue;
+    const m = line.match(/^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([^}]*)\})?\s+(\S+)/);
+    if (!m || m[1] !== name) continue;
+    const have = {};
+    for (const lm of (m[3] || '').matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"/g)) have[lm[1]] = lm[2];
+    if (Object.entries(labels).every(([k, v]) => have[k] === v)) return Number(m[4]);
+  }
+  return undefined;
+}
+
+/**
+ * Registers node:test hooks for a file: one node for the whole file, clients closed after each
+ * test, the node stopped at the end. Its output is kept in $BELFRY_E2E_LOG_DIR (default
+ * <tmp>/belfry-e2e-logs) so a failure can be read against the server's log.
+ */
+function useNode(options = {}, label = 'node') {
+  const { before, after, afterEach } = require('node:test');
+  const ctx = {};
+  before(async () => { ctx.node = await startNode(options); });
+  afterEach(() => cleanupClients());
+  after(async () => {
+    await cleanupClients();
+    if (!ctx.node) return;
+    await ctx.node.stop();
+    saveLog(ctx.node, label);
+  });
+  return ctx;
+}
+
+function saveLog(node, label) {
+  try {
+    const dir = process.env.BELFRY_E2E_LOG_DIR || path.join(os.tmpdir(), 'belfry-e2e-logs');
+    fs.mkdirSync(dir, { recursive: true });
+    fs.writeFileSync(path.join(dir, `${label}.log`), node.output());
+  } catch { /* best effort */ }
+}
+
+module.exports = {
+  useNode,
+  saveLog,
+  NODE_BIN,
+  HOST,
+  sleep,
+  freePort,
+  withTimeout,
+  eventually,
+  hmacHex,
+  md5Hex,
+  uniq,
+  toToml,
+  makeApp,
+  startNode,
+  startRedis,
+  sdk,
+  masterKeyFor,
+  pusherClient,
+  echoClient,
+  connected,
+  subscribed,
+  waitForEvent,
+  collect,
+  expectNoEvent,
+  RawClient,
+  rawClient,
+  rawAuth,
+  rawSignin,
+  parseFrame,
+  signedRequest,
+  sdkResult,
+  getMetrics,
+  metricValue,
+  cleanupClients,
+};
