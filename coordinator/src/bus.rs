@@ -37,7 +37,11 @@ pub trait Bus: Send + Sync + 'static {
     fn publish(&self, envelopes: Vec<Envelope>) -> BoxFuture<'static, Result<(), BusError>>;
 
     /// The last event published on a cache channel, while its TTL lasts.
-    fn cached(&self, app: &str, channel: &str) -> BoxFuture<'static, Result<Option<Envelope>, BusError>>;
+    fn cached(
+        &self,
+        app: &str,
+        channel: &str,
+    ) -> BoxFuture<'static, Result<Option<Envelope>, BusError>>;
 
     /// Whether publishes are expected to succeed now (readiness).
     fn is_ready(&self) -> bool;
@@ -46,7 +50,9 @@ pub trait Bus: Send + Sync + 'static {
 /// The in-process bus: publishing is delivering.
 pub struct LocalBus {
     delivery: Arc<dyn Delivery>,
-    cache: parking_lot::Mutex<std::collections::HashMap<(String, String), (Envelope, std::time::Instant)>>,
+    cache: parking_lot::Mutex<
+        std::collections::HashMap<(String, String), (Envelope, std::time::Instant)>,
+    >,
     cache_ttl: CacheTtl,
 }
 
@@ -110,7 +116,11 @@ impl Bus for LocalBus {
         Box::pin(async { Ok(()) })
     }
 
-    fn cached(&self, app: &str, channel: &str) -> BoxFuture<'static, Result<Option<Envelope>, BusError>> {
+    fn cached(
+        &self,
+        app: &str,
+        channel: &str,
+    ) -> BoxFuture<'static, Result<Option<Envelope>, BusError>> {
         let mut cache = self.cache.lock();
         let key = (app.to_owned(), channel.to_owned());
         let hit = match cache.get(&key) {

@@ -14,3 +14,9 @@ pub use bus::{is_cache_channel, Bus, BusError, CacheTtl, Delivery, LocalBus};
 pub use envelope::{Envelope, EnvelopeKind, ENVELOPE_VERSION};
 pub use presence::{MemoryPresence, PresenceError, PresenceMember, PresenceStore};
 pub mod redis;
+
+pub mod daemon;
+pub mod publisher;
+
+pub use publisher::Publisher;
+pub use redis::presence::RedisPresence;

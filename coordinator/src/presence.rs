@@ -60,7 +60,11 @@ pub trait PresenceStore: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Option<PresenceMember>, PresenceError>>;
 
     /// The distinct users on a channel.
-    fn members(&self, app: &str, channel: &str) -> BoxFuture<'static, Result<Vec<PresenceMember>, PresenceError>>;
+    fn members(
+        &self,
+        app: &str,
+        channel: &str,
+    ) -> BoxFuture<'static, Result<Vec<PresenceMember>, PresenceError>>;
 }
 
 #[derive(Default)]
@@ -161,7 +165,11 @@ impl PresenceStore for MemoryPresence {
         Box::pin(async move { Ok(result) })
     }
 
-    fn members(&self, app: &str, channel: &str) -> BoxFuture<'static, Result<Vec<PresenceMember>, PresenceError>> {
+    fn members(
+        &self,
+        app: &str,
+        channel: &str,
+    ) -> BoxFuture<'static, Result<Vec<PresenceMember>, PresenceError>> {
         let members = self
             .channels
             .lock()
@@ -187,8 +195,14 @@ mod tests {
     #[test]
     fn a_user_with_two_tabs_is_one_member() {
         let p = MemoryPresence::default();
-        assert!(p.join_now("a", "presence-x", "1.1", member("7"), 100).unwrap().user_added);
-        let second = p.join_now("a", "presence-x", "1.2", member("7"), 100).unwrap();
+        assert!(
+            p.join_now("a", "presence-x", "1.1", member("7"), 100)
+                .unwrap()
+                .user_added
+        );
+        let second = p
+            .join_now("a", "presence-x", "1.2", member("7"), 100)
+            .unwrap();
         assert!(!second.user_added);
         assert_eq!(second.members.len(), 1);
         assert_eq!(p.leave_now("a", "presence-x", "1.1"), None);
@@ -199,7 +213,8 @@ mod tests {
     #[test]
     fn a_full_channel_refuses_new_users_but_not_new_tabs() {
         let p = MemoryPresence::default();
-        p.join_now("a", "presence-x", "1.1", member("1"), 1).unwrap();
+        p.join_now("a", "presence-x", "1.1", member("1"), 1)
+            .unwrap();
         assert!(matches!(
             p.join_now("a", "presence-x", "1.2", member("2"), 1),
             Err(PresenceError::Full(1))
@@ -210,8 +225,10 @@ mod tests {
     #[test]
     fn rejoining_from_one_socket_does_not_double_count() {
         let p = MemoryPresence::default();
-        p.join_now("a", "presence-x", "1.1", member("1"), 10).unwrap();
-        p.join_now("a", "presence-x", "1.1", member("1"), 10).unwrap();
+        p.join_now("a", "presence-x", "1.1", member("1"), 10)
+            .unwrap();
+        p.join_now("a", "presence-x", "1.1", member("1"), 10)
+            .unwrap();
         assert_eq!(p.leave_now("a", "presence-x", "1.1"), Some(member("1")));
     }
 }

@@ -320,14 +320,21 @@ impl Config {
                 }
             }
         }
-        let prefixes: Vec<&String> = self.apps.iter().filter_map(|a| a.laravel_redis_prefix.as_ref()).collect();
+        let prefixes: Vec<&String> = self
+            .apps
+            .iter()
+            .filter_map(|a| a.laravel_redis_prefix.as_ref())
+            .collect();
         for (i, p) in prefixes.iter().enumerate() {
             if p.is_empty() || p.starts_with(&format!("{}:", self.redis_prefix)) {
                 return invalid(format!(
                     "laravel_redis_prefix {p:?} must be non-empty and not overlap redis_prefix"
                 ));
             }
-            if prefixes[i + 1..].iter().any(|q| q.starts_with(p.as_str()) || p.starts_with(q.as_str())) {
+            if prefixes[i + 1..]
+                .iter()
+                .any(|q| q.starts_with(p.as_str()) || p.starts_with(q.as_str()))
+            {
                 return invalid(format!("laravel_redis_prefix {p:?} overlaps another app's"));
             }
         }

@@ -1,120 +1,109 @@
 //! One client's WebSocket, from `connection_established` to close.
 //!
-//! A single task owns the socket. It reads frames into the `Session`, carries
-//! out the actions that come back, and drains the connection's bounded send
-//! queue, writing everything queued so far with one flush. A client whose
-//! queue overflows is a slow consumer and is closed with 4100 rather than
-//! buffered without bound. Silent sockets are pinged and closed with 4201.
+//! A single task owns the socket's reading: it decodes frames, feeds the
+//! text to the `Session` and carries out the actions that come back. Writes
+//! go through the connection's `Outbox`, which fan-outs fill directly; this
+//! task only finishes a write when the socket was full, and closes the
+//! socket when asked (slow consumer, terminate, drain). Silent sockets are
+//! pinged and closed with 4201.
 
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::cell::RefCell;
+use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use belfry_coordinator::{Envelope, PresenceError, PresenceMember};
-use futures_util::{SinkExt, StreamExt};
-use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, Notify};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
-use tokio_tungstenite::WebSocketStream;
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::node::Node;
+use crate::outbox::{ConnHandle, Outbox};
 use crate::protocol::frame::Encode;
 use crate::protocol::session::Joined;
 use crate::protocol::{code, Action, ChannelKind, ChannelName, Session, SocketId};
 use crate::registry::AppRegistry;
-use crate::telemetry::AppMetrics;
+use crate::websocket::{self, Decoder, Incoming, Violation};
 
-/// Frames written per flush at most; bounds one write's latency for others.
-const WRITE_BATCH: usize = 256;
 /// How long a closing handshake may take before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Read buffer shared by the connections of one worker thread, so an idle
+/// connection owns no read buffer of its own.
+const SCRATCH: usize = 16 * 1024;
 
-/// Asks a connection to close, from anywhere (slow consumer, terminate, drain).
-#[derive(Default)]
-struct Closer {
-    code: AtomicU16,
-    reason: Mutex<(String, &'static str)>,
-    notify: Notify,
+thread_local! {
+    static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
 }
 
-/// A cheap handle to a connection: its id, its send queue and its closer.
-#[derive(Clone)]
-pub struct ConnHandle {
-    pub socket_id: SocketId,
-    metrics: Arc<AppMetrics>,
-    tx: mpsc::Sender<Utf8Bytes>,
-    closer: Arc<Closer>,
+/// What one read produced.
+enum Read {
+    Data,
+    WouldBlock,
+    Eof,
+    Violation(Violation),
 }
 
-impl ConnHandle {
-    /// Queues a frame. A full queue means the client is not reading: it is
-    /// closed as a slow consumer and the frame is dropped for it alone.
-    pub fn send(&self, frame: Utf8Bytes) -> bool {
-        match self.tx.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.close(
-                    code::OVER_CAPACITY,
-                    "Slow consumer: send queue full",
-                    "slow_consumer",
-                ) {
-                    self.metrics.slow_consumers.increment(1);
+/// Reads what the socket has and decodes it into `out`.
+fn read_into(
+    stream: &TcpStream,
+    decoder: &mut Decoder,
+    max: usize,
+    out: &mut Vec<Incoming>,
+) -> Read {
+    SCRATCH_BUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        match stream.try_read(&mut buf) {
+            Ok(0) => Read::Eof,
+            Ok(n) => match decoder.feed(&buf[..n], max, out) {
+                Ok(()) => Read::Data,
+                Err(v) => Read::Violation(v),
+            },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Read::WouldBlock,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Read::WouldBlock,
+            Err(_) => Read::Eof,
+        }
+    })
+}
+
+/// After the close frame went out: wait briefly for the client's close (or
+/// EOF) so the close code is not lost to a TCP reset, then drop the socket.
+async fn linger(stream: &TcpStream, outbox: &Outbox) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        let mut decoder = Decoder::default();
+        let mut sink = Vec::new();
+        loop {
+            if outbox.has_pending() {
+                if stream.writable().await.is_err() {
+                    return;
                 }
-                false
+                outbox.write_remaining();
+                continue;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            if stream.readable().await.is_err() {
+                return;
+            }
+            match read_into(stream, &mut decoder, usize::MAX, &mut sink) {
+                Read::Eof | Read::Violation(_) => return,
+                Read::WouldBlock => {}
+                Read::Data => {
+                    if sink.contains(&Incoming::Close) {
+                        return;
+                    }
+                    sink.clear();
+                }
+            }
         }
-    }
-
-    /// Asks the connection to close with `code`. Only the first request
-    /// counts; returns whether this was it.
-    pub fn close(&self, code: u16, message: &str, reason: &'static str) -> bool {
-        if self
-            .closer
-            .code
-            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            return false;
-        }
-        *self.closer.reason.lock() = (message.to_owned(), reason);
-        self.closer.notify.notify_one();
-        true
-    }
+    })
+    .await;
 }
 
 /// Refuses a connection that was upgraded only to be told why: the
 /// `pusher:error` frame, then the matching close code.
-pub async fn refuse<S>(mut ws: WebSocketStream<S>, code: u16, message: &str)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let _ = ws
-        .send(Message::Text(Encode::error(Some(code), message)))
-        .await;
-    close(&mut ws, code, message).await;
-}
-
-async fn close<S>(ws: &mut WebSocketStream<S>, code: u16, message: &str)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: message.chars().take(120).collect::<String>().into(),
-    };
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-        if ws.close(Some(frame)).await.is_err() {
-            return;
-        }
-        // Wait for the client's close reply, so the close code is not lost
-        // to a TCP reset when unread data is still in flight.
-        while let Some(Ok(_)) = ws.next().await {}
-    })
-    .await;
+pub async fn refuse(stream: TcpStream, code: u16, message: &str) {
+    let stream = Arc::new(stream);
+    let outbox = Outbox::new(&stream, 4, None);
+    outbox.finish(code, message);
+    linger(&stream, &outbox).await;
 }
 
 /// Why a connection ended, for the log and the closed-connections counter.
@@ -124,99 +113,119 @@ enum End {
     Closed(u16, String, &'static str),
 }
 
-/// Runs an accepted connection to its end.
-pub async fn run<S>(node: Arc<Node>, app: Arc<AppRegistry>, mut ws: WebSocketStream<S>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+/// Runs an accepted connection to its end. `early` holds bytes the client
+/// sent right behind its handshake.
+pub async fn run(node: Arc<Node>, app: Arc<AppRegistry>, stream: TcpStream, early: Bytes) {
+    let stream = Arc::new(stream);
     let socket_id = SocketId::random();
-    let (tx, mut rx) = mpsc::channel(node.config.send_queue_frames);
-    let handle = ConnHandle {
-        socket_id,
-        metrics: app.metrics.clone(),
-        tx,
-        closer: Arc::new(Closer::default()),
-    };
+    let outbox = Arc::new(Outbox::new(
+        &stream,
+        node.config.send_queue_frames,
+        Some(app.metrics.clone()),
+    ));
+    let handle = ConnHandle { socket_id, outbox };
     let activity = Duration::from_secs(app.config.activity_timeout);
     let pong_wait = Duration::from_secs(app.config.pong_timeout);
+    let max_message = app.config.max_message_bytes;
     let mut session = Session::new(socket_id, app.config.clone(), Instant::now());
-    let mut conn = Conn {
+    let conn = Conn {
         node: node.clone(),
         app: app.clone(),
         handle: handle.clone(),
     };
     node.track(handle.clone());
+    handle.send(
+        Encode::connection_established(&socket_id.to_string(), app.config.activity_timeout)
+            .as_str(),
+    );
 
-    let established =
-        Encode::connection_established(&socket_id.to_string(), app.config.activity_timeout);
-    let mut end = match ws.send(Message::Text(established)).await {
-        Ok(()) => None,
-        Err(_) => Some(End::Error),
-    };
-    let mut batch = Vec::with_capacity(16);
+    let mut decoder = Decoder::default();
+    let mut incoming = Vec::new();
+    let mut end = None;
+    if !early.is_empty() {
+        if let Err(v) = decoder.feed(&early, max_message, &mut incoming) {
+            end = Some(violation(v, max_message));
+        }
+    }
+    // `early` may share hyper's whole read buffer; keeping it would pin
+    // kilobytes to every idle connection.
+    drop(early);
     let idle = tokio::time::sleep(activity);
     tokio::pin!(idle);
     let mut pinged = false;
 
     while end.is_none() {
+        for message in incoming.drain(..) {
+            match message {
+                Incoming::Text(text) => {
+                    app.metrics.messages_in.increment(1);
+                    app.metrics.bytes_in.increment(text.len() as u64);
+                    let limited = session.rate_limited();
+                    let actions = session.on_text(&text, Instant::now());
+                    if session.rate_limited() > limited {
+                        app.metrics.client_event_rate_limited.increment(1);
+                    }
+                    // Boxed: acting on a frame needs a large future, and an
+                    // idle connection should not carry it.
+                    Box::pin(conn.carry_out(&mut session, actions)).await;
+                }
+                Incoming::Binary => handle.send(
+                    Encode::error(None, "Binary frames are not part of the Pusher protocol")
+                        .as_str(),
+                ),
+                Incoming::Ping(payload) => {
+                    if handle.outbox.queue_frame(websocket::OP_PONG, &payload)
+                        == crate::outbox::Queued::NeedsFlush
+                    {
+                        handle.outbox.flush();
+                    }
+                }
+                Incoming::Pong => {}
+                Incoming::Close => {
+                    end = Some(End::Client);
+                    break;
+                }
+            }
+        }
+        if end.is_some() {
+            break;
+        }
+        if let Some(close) = handle.outbox.close_request() {
+            end = Some(End::Closed(close.code, close.message, close.reason));
+            break;
+        }
+        let blocked = handle.outbox.is_blocked();
         tokio::select! {
             biased;
-            _ = handle.closer.notify.notified() => {
-                let (message, reason) = handle.closer.reason.lock().clone();
-                let code = handle.closer.code.load(Ordering::Acquire);
-                end = Some(End::Closed(code, message, reason));
+            _ = handle.outbox.wake.notified() => {}
+            ready = stream.writable(), if blocked => {
+                if ready.is_err() {
+                    end = Some(End::Error);
+                } else {
+                    handle.outbox.resume();
+                }
             }
-            n = rx.recv_many(&mut batch, WRITE_BATCH) => {
-                if n == 0 {
+            ready = stream.readable() => {
+                if ready.is_err() {
                     end = Some(End::Error);
                     continue;
                 }
-                let mut failed = false;
-                for frame in batch.drain(..) {
-                    if ws.feed(Message::Text(frame)).await.is_err() {
-                        failed = true;
-                        break;
+                match read_into(&stream, &mut decoder, max_message, &mut incoming) {
+                    Read::Data => {
+                        idle.as_mut().reset(tokio::time::Instant::now() + activity);
+                        pinged = false;
                     }
+                    Read::WouldBlock => {}
+                    Read::Eof => end = Some(End::Error),
+                    Read::Violation(v) => end = Some(violation(v, max_message)),
                 }
-                if failed || ws.flush().await.is_err() {
-                    end = Some(End::Error);
-                }
-            }
-            message = ws.next() => {
-                idle.as_mut().reset(tokio::time::Instant::now() + activity);
-                pinged = false;
-                end = match message {
-                    Some(Ok(Message::Text(text))) => {
-                        app.metrics.messages_in.increment(1);
-                        app.metrics.bytes_in.increment(text.len() as u64);
-                        let limited = session.rate_limited();
-                        let actions = session.on_text(text.as_str(), Instant::now());
-                        if session.rate_limited() > limited {
-                            app.metrics.client_event_rate_limited.increment(1);
-                        }
-                        conn.carry_out(&mut session, actions).await;
-                        None
-                    }
-                    Some(Ok(Message::Binary(_))) => {
-                        handle.send(Encode::error(None, "Binary frames are not part of the Pusher protocol"));
-                        None
-                    }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => None,
-                    Some(Ok(Message::Close(_))) | None => Some(End::Client),
-                    Some(Err(WsError::Capacity(_))) => Some(End::Closed(
-                        code::TOO_BIG,
-                        format!("Message larger than {} bytes", app.config.max_message_bytes),
-                        "too_large",
-                    )),
-                    Some(Err(_)) => Some(End::Error),
-                };
             }
             _ = &mut idle => {
                 if pinged {
                     end = Some(End::Closed(code::PONG_TIMEOUT, "Pong reply not received in time".into(), "ping_timeout"));
                 } else {
                     pinged = true;
-                    handle.send(Encode::ping());
+                    handle.send(Encode::ping().as_str());
                     idle.as_mut().reset(tokio::time::Instant::now() + pong_wait);
                 }
             }
@@ -225,27 +234,36 @@ where
 
     let reason = match end {
         Some(End::Closed(code, message, reason)) => {
-            if code >= 4000 {
-                let _ = tokio::time::timeout(
-                    CLOSE_TIMEOUT,
-                    ws.send(Message::Text(Encode::error(Some(code), &message))),
-                )
-                .await;
-            }
-            close(&mut ws, code, &message).await;
+            handle.outbox.finish(code, &message);
+            Box::pin(linger(&stream, &handle.outbox)).await;
             reason
         }
         Some(End::Client) => {
-            // Sends tungstenite's queued reply to the client's close frame.
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.flush()).await;
+            handle.outbox.finish(1000, "");
             "client"
         }
         Some(End::Error) | None => "error",
     };
-    conn.leave_all(&mut session).await;
+    Box::pin(conn.leave_all(&mut session)).await;
     node.untrack(socket_id);
     node.release(&app, reason);
     tracing::debug!(app = %app.config.id, socket_id = %socket_id, reason, "connection closed");
+}
+
+fn violation(v: Violation, max: usize) -> End {
+    match v {
+        Violation::TooBig => End::Closed(
+            code::TOO_BIG,
+            format!("Message larger than {max} bytes"),
+            "too_large",
+        ),
+        Violation::NotUtf8 => End::Closed(v.code(), "Text frame is not UTF-8".into(), "error"),
+        Violation::Protocol(why) => End::Closed(
+            v.code(),
+            format!("WebSocket protocol error: {why}"),
+            "error",
+        ),
+    }
 }
 
 /// The parts of a connection that actions need.
@@ -256,16 +274,14 @@ struct Conn {
 }
 
 impl Conn {
-    async fn carry_out(&mut self, session: &mut Session, actions: Vec<Action>) {
+    async fn carry_out(&self, session: &mut Session, actions: Vec<Action>) {
         for action in actions {
             match action {
-                Action::Send(frame) => {
-                    self.handle.send(frame);
-                }
+                Action::Send(frame) => self.handle.send(frame.as_str()),
                 Action::Subscribe { channel, member } => {
                     if let Err(frame) = self.join(&channel, member).await {
                         session.subscription_failed(&channel);
-                        self.handle.send(frame);
+                        self.handle.send(frame.as_str());
                     }
                 }
                 Action::Unsubscribe { channel, presence } => self.leave(&channel, presence).await,
@@ -281,10 +297,8 @@ impl Conn {
                     envelope.user_id = user_id;
                     self.app.metrics.client_events.increment(1);
                     if let Err(e) = self.node.bus.publish(vec![envelope]).await {
-                        self.handle.send(Encode::error(
-                            None,
-                            &format!("Client event not delivered: {e}"),
-                        ));
+                        let message = format!("Client event not delivered: {e}");
+                        self.handle.send(Encode::error(None, &message).as_str());
                     }
                 }
                 Action::SignedIn { user_id, previous } => {
@@ -392,6 +406,7 @@ impl Conn {
             }
         }
         self.app.add_subscriber(name, self.handle.clone(), &first);
+        self.handle.outbox.flush();
 
         if let Some(member) = added {
             let data = Encode::member_added_data(&member.user_id_json, member.user_info.as_deref());
@@ -407,7 +422,12 @@ impl Conn {
     /// Undoes a presence join whose subscription could not complete.
     async fn rollback_presence(&self, channel: &str, _member: &PresenceMember) {
         let socket = self.handle.socket_id.to_string();
-        if let Ok(Some(_)) = self.node.presence.leave(&self.app.config.id, channel, &socket).await {
+        if let Ok(Some(_)) = self
+            .node
+            .presence
+            .leave(&self.app.config.id, channel, &socket)
+            .await
+        {
             self.app.metrics.presence_members.decrement(1.0);
         }
     }

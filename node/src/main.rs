@@ -36,7 +36,9 @@ fn main() {
 async fn run(config: Config) -> anyhow::Result<()> {
     let prometheus = telemetry::install_recorder();
     let node = match config.redis_url.clone() {
-        Some(url) => Node::clustered(config, &url).await.map_err(anyhow::Error::msg)?,
+        Some(url) => Node::clustered(config, &url)
+            .await
+            .map_err(anyhow::Error::msg)?,
         None => Node::embedded(config),
     };
     let config = &node.config;
@@ -79,7 +81,11 @@ fn announce(node: &Arc<Node>) {
         c.host,
         c.port,
         c.apps.len(),
-        if node.is_clustered() { "Redis bus" } else { "embedded bus" }
+        if node.is_clustered() {
+            "Redis bus"
+        } else {
+            "embedded bus"
+        }
     );
     if c.uses_dev_app() {
         let app = &c.apps[0];

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::connection::ConnHandle;
+use crate::outbox::ConnHandle;
 use crate::protocol::{code, SocketId};
 use crate::registry::{AppRegistry, Registry};
 use crate::shutdown::Shutdown;
@@ -54,21 +54,30 @@ pub struct Refusal {
 impl Node {
     /// A single node with the in-process bus and in-memory presence.
     pub fn embedded(config: Config) -> Arc<Node> {
-        let registry = Arc::new(Registry::new(&config.apps));
+        let registry = Registry::new(&config.apps);
         let bus = Arc::new(LocalBus::new(registry.clone(), cache_ttl(&config)));
-        Self::new(config, registry, bus, Arc::new(MemoryPresence::default()), None)
+        Self::new(
+            config,
+            registry,
+            bus,
+            Arc::new(MemoryPresence::default()),
+            None,
+        )
     }
 
     /// A node of a cluster over Redis. It starts even while Redis is down
     /// (reporting not-ready) and catches up when Redis comes.
     pub async fn clustered(config: Config, redis_url: &str) -> Result<Arc<Node>, String> {
-        let redis = Redis::connect(redis_url).map_err(|e| format!("invalid Redis URL {redis_url:?}: {e}"))?;
+        let redis = Redis::connect(redis_url)
+            .map_err(|e| format!("invalid Redis URL {redis_url:?}: {e}"))?;
         if !redis.wait_connected(Duration::from_secs(5)).await {
-            tracing::warn!("Redis is not reachable yet; serving sockets and reporting not ready until it is");
+            tracing::warn!(
+                "Redis is not reachable yet; serving sockets and reporting not ready until it is"
+            );
         }
         let keys = Keys::new(&config.redis_prefix);
         let node_id = config.node_id.clone().unwrap_or_else(default_node_id);
-        let registry = Arc::new(Registry::new(&config.apps));
+        let registry = Registry::new(&config.apps);
         let stop = CancellationToken::new();
         let laravel = config
             .apps
@@ -84,7 +93,12 @@ impl Node {
             stop.clone(),
         ));
         let ttl = Duration::from_secs(config.presence_ttl_secs);
-        let presence = Arc::new(RedisPresence::new(redis.clone(), keys.clone(), node_id.clone(), ttl));
+        let presence = Arc::new(RedisPresence::new(
+            redis.clone(),
+            keys.clone(),
+            node_id.clone(),
+            ttl,
+        ));
         let occupancy = RedisOccupancy::start(redis.clone(), keys, node_id.clone(), stop.clone());
         tokio::spawn(count_reconnects(redis, stop.clone()));
         tracing::info!(node_id, "cluster mode over Redis");
@@ -136,9 +150,17 @@ impl Node {
     }
 
     /// Subscriptions on `channel`, cluster-wide in cluster mode.
-    pub async fn subscription_count(&self, app: &AppRegistry, channel: &str) -> Result<usize, String> {
+    pub async fn subscription_count(
+        &self,
+        app: &AppRegistry,
+        channel: &str,
+    ) -> Result<usize, String> {
         match &self.cluster {
-            Some(c) => c.occupancy.subscription_count(&app.config.id, channel).await,
+            Some(c) => {
+                c.occupancy
+                    .subscription_count(&app.config.id, channel)
+                    .await
+            }
             None => Ok(app.occupancy(channel).subscriptions),
         }
     }
@@ -202,12 +224,21 @@ impl Node {
                 "memory",
             );
         }
+        let quota = "Application is over connection quota";
+        if let Some(c) = &self.cluster {
+            // Other nodes' counts are a second old at most: a burst across
+            // nodes can overshoot the quota by what they admitted meanwhile.
+            let max = app.config.max_connections;
+            if max > 0 && app.connections() + c.occupancy.others_connections(&app.config.id) >= max
+            {
+                return refuse(code::OVER_QUOTA, quota, "app_quota");
+            }
+        }
         if !app.try_open_connection() {
-            return refuse(
-                code::OVER_QUOTA,
-                "Application is over connection quota",
-                "app_quota",
-            );
+            return refuse(code::OVER_QUOTA, quota, "app_quota");
+        }
+        if let Some(c) = &self.cluster {
+            c.occupancy.connection_opened(&app.config.id);
         }
         Ok(())
     }
@@ -251,7 +282,11 @@ fn default_node_id() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "node".into());
-    format!("{host}-{}-{}", std::process::id(), SocketId::random().1 % 100_000)
+    format!(
+        "{host}-{}-{}",
+        std::process::id(),
+        SocketId::random().1 % 100_000
+    )
 }
 
 async fn count_reconnects(redis: Redis, stop: CancellationToken) {

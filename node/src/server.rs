@@ -17,13 +17,10 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
 
 use crate::api::{self, json_response};
-use crate::config::AppConfig;
 use crate::connection;
 use crate::node::{Node, Refusal};
 use crate::protocol::code;
@@ -155,20 +152,6 @@ fn health(node: &Node, path: &str) -> HttpResponse {
     }
 }
 
-fn tungstenite_config(app: Option<&AppConfig>) -> WebSocketConfig {
-    let max = app.map_or(10_240, |a| a.max_message_bytes);
-    // tungstenite's defaults keep 128 KiB buffers per socket; Pusher frames
-    // are small, so a small read buffer (it grows for a large message) keeps
-    // idle sockets cheap. Frames fed between flushes collect in the write
-    // buffer, so a batch of queued frames leaves in one write.
-    WebSocketConfig::default()
-        .read_buffer_size(2 * 1024)
-        .write_buffer_size(64 * 1024)
-        .max_write_buffer_size(4 * 1024 * 1024)
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max))
-}
-
 fn bad_request(message: &str) -> HttpResponse {
     json_response(StatusCode::BAD_REQUEST, &json!({ "error": message }))
 }
@@ -213,7 +196,6 @@ fn websocket(node: Arc<Node>, mut req: Request<Incoming>, key: &str) -> HttpResp
             refusal.message
         );
     }
-    let config = tungstenite_config(app.as_ref().map(|a| &*a.config));
     let upgrade = hyper::upgrade::on(&mut req);
     let tasks = node.tasks.clone();
     tasks.spawn(async move {
@@ -227,12 +209,23 @@ fn websocket(node: Arc<Node>, mut req: Request<Incoming>, key: &str) -> HttpResp
                 return;
             }
         };
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
+        // Belfry frames the socket itself (see websocket.rs): take the TCP
+        // stream back from hyper, with anything the client already sent.
+        let (stream, early) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+            Err(_) => {
+                tracing::error!("upgraded connection is not a TCP stream");
+                if let (Ok(()), Some(app)) = (&verdict, &app) {
+                    node.release(app, "error");
+                }
+                return;
+            }
+        };
         match (verdict, app) {
-            (Ok(()), Some(app)) => connection::run(node, app, ws).await,
-            (Err(refusal), _) => connection::refuse(ws, refusal.code, &refusal.message).await,
+            (Ok(()), Some(app)) => Box::pin(connection::run(node, app, stream, early)).await,
+            (Err(refusal), _) => {
+                Box::pin(connection::refuse(stream, refusal.code, &refusal.message)).await
+            }
             (Ok(()), None) => {}
         }
     });

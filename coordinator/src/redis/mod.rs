@@ -12,6 +12,7 @@ use fred::prelude::*;
 use fred::types::config::{ConnectionConfig, PerformanceConfig, ReconnectPolicy};
 
 pub mod bus;
+pub mod occupancy;
 pub mod presence;
 
 /// How long one Redis command may take before it is reported as failed.

@@ -226,17 +226,25 @@ async fn dispatch(
             }
             let attributes = event_info(&info);
             let mut out = BTreeMap::new();
-            for (name, _) in app.channels() {
+            let channels = node.channels(&app).await.map_err(ApiError::Unavailable)?;
+            for (name, subscriptions) in channels {
                 if !name.starts_with(prefix) {
                     continue;
                 }
                 let Ok(channel) = ChannelName::parse(&name) else {
                     continue;
                 };
-                out.insert(
-                    name,
-                    channel_attributes(node, &app, &channel, &attributes).await?,
-                );
+                let mut attrs = serde_json::Map::new();
+                if attributes.contains(&"subscription_count") {
+                    attrs.insert("subscription_count".into(), json!(subscriptions));
+                }
+                if attributes.contains(&"user_count") && channel.kind() == ChannelKind::Presence {
+                    attrs.insert(
+                        "user_count".into(),
+                        json!(user_count(node, &app, &channel).await?),
+                    );
+                }
+                out.insert(name, Value::Object(attrs));
             }
             Ok(json!({ "channels": out }))
         }
@@ -364,13 +372,20 @@ async fn channel_attributes(
         out.insert("subscription_count".into(), json!(count));
     }
     if attributes.contains(&"user_count") && channel.kind() == ChannelKind::Presence {
-        out.insert("user_count".into(), json!(user_count(node, app, channel).await?));
+        out.insert(
+            "user_count".into(),
+            json!(user_count(node, app, channel).await?),
+        );
     }
     Ok(Value::Object(out))
 }
 
 /// Distinct users on a presence channel.
-async fn user_count(node: &Node, app: &AppRegistry, channel: &ChannelName) -> Result<usize, ApiError> {
+async fn user_count(
+    node: &Node,
+    app: &AppRegistry,
+    channel: &ChannelName,
+) -> Result<usize, ApiError> {
     let members = node
         .presence
         .members(&app.config.id, channel.as_str())

@@ -710,6 +710,420 @@ function saveLog(node, label) {
   } catch { /* best effort */ }
 }
 
+// ---------------------------------------------------------------------------------------------
+// cluster mode: coordinator, Redis Cluster, RESP, TCP proxy, whole clusters
+
+const { execFile } = require('node:child_process');
+
+const COORDINATOR_BIN = process.env.BELFRY_COORDINATOR_BIN || path.join(REPO_ROOT, 'target', 'release', 'belfry-coordinator');
+
+function requireCoordinatorBin() {
+  if (!fs.existsSync(COORDINATOR_BIN)) {
+    throw new Error(`belfry-coordinator binary not found at ${COORDINATOR_BIN}; build it (cargo build --release -p belfry-coordinator) or set BELFRY_COORDINATOR_BIN`);
+  }
+}
+
+/** Encodes one command as a RESP array of bulk strings. */
+function respEncode(args) {
+  const parts = [`*${args.length}\r\n`];
+  const bufs = [];
+  for (const a of args) {
+    const b = Buffer.isBuffer(a) ? a : Buffer.from(String(a));
+    bufs.push(Buffer.from(`$${b.length}\r\n`), b, Buffer.from('\r\n'));
+  }
+  return Buffer.concat([Buffer.from(parts.join('')), ...bufs]);
+}
+
+/** Parses one RESP value from `buf` at `pos`; returns { value, pos } or null if incomplete. Errors become Error objects. */
+function respParse(buf, pos = 0) {
+  if (pos >= buf.length) return null;
+  const eol = buf.indexOf('\r\n', pos);
+  if (eol < 0) return null;
+  const type = String.fromCharCode(buf[pos]);
+  const line = buf.toString('utf8', pos + 1, eol);
+  const next = eol + 2;
+  switch (type) {
+    case '+': return { value: line, pos: next };
+    case '-': return { value: new Error(line), pos: next };
+    case ':': return { value: Number(line), pos: next };
+    case '$': {
+      const len = Number(line);
+      if (len < 0) return { value: null, pos: next };
+      if (buf.length < next + len + 2) return null;
+      return { value: buf.toString('utf8', next, next + len), pos: next + len + 2 };
+    }
+    case '*': {
+      const n = Number(line);
+      if (n < 0) return { value: null, pos: next };
+      const out = [];
+      let p = next;
+      for (let i = 0; i < n; i++) {
+        const r = respParse(buf, p);
+        if (!r) return null;
+        out.push(r.value);
+        p = r.pos;
+      }
+      return { value: out, pos: p };
+    }
+    default: throw new Error(`unexpected RESP type ${JSON.stringify(type)}`);
+  }
+}
+
+/**
+ * Runs one Redis command on 127.0.0.1:`port` over a fresh connection and resolves with its reply
+ * (a Redis error reply rejects). Example: redisCommand(port, 'PUBLISH', 'chan', 'msg').
+ */
+function redisCommand(port, ...args) {
+  return new Promise((resolve, reject) => {
+    const sock = net.connect(port, HOST);
+    let buf = Buffer.alloc(0);
+    const fail = (e) => { sock.destroy(); reject(e); };
+    sock.setTimeout(3000, () => fail(new Error(`redis ${args[0]} on ${port}: timeout`)));
+    sock.on('error', fail);
+    sock.on('connect', () => sock.write(respEncode(args)));
+    sock.on('data', (d) => {
+      buf = Buffer.concat([buf, d]);
+      let r;
+      try { r = respParse(buf); } catch (e) { fail(e); return; }
+      if (!r) return;
+      sock.end();
+      if (r.value instanceof Error) reject(new Error(`redis ${args.join(' ')}: ${r.value.message}`));
+      else resolve(r.value);
+    });
+  });
+}
+
+/**
+ * Starts a local Redis Cluster of `masters` masters (no replicas) on free ports, each node's
+ * cluster bus on its own free port (`cluster-port`, Redis 7+). Fails with a clear message when
+ * redis-server lacks cluster support. Returns { ports, url (redis-cluster://...), stop(), kill(), output() }.
+ */
+async function startRedisCluster(masters = 3, options = {}) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'belfry-rc-'));
+  const members = [];
+  const cluster = {
+    dir,
+    members,
+    ports: [],
+    output: () => members.map((m) => `--- redis ${m.port}\n${m.out.text}`).join('\n'),
+    async stop() {
+      await Promise.all(members.map((m) => stopChild(m.child, 3000)));
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+    async kill() {
+      for (const m of members) if (m.child.exitCode === null) m.child.kill('SIGKILL');
+      await Promise.all(members.map((m) => waitExit(m.child, 5000)));
+    },
+  };
+  try {
+    for (let i = 0; i < masters; i++) {
+      const port = await freePort();
+      let busPort = await freePort();
+      while (busPort === port) busPort = await freePort();
+      const args = [
+        '--port', String(port), '--bind', HOST, '--save', '', '--appendonly', 'no', '--dir', dir,
+        '--cluster-enabled', 'yes', '--cluster-config-file', `nodes-${port}.conf`, '--cluster-port', String(busPort),
+        '--cluster-node-timeout', String(options.nodeTimeoutMs || 5000),
+      ];
+      const child = spawn('redis-server', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+      liveProcesses.add(child);
+      child.once('exit', () => liveProcesses.delete(child));
+      const member = { port, busPort, child, out: captureOutput(child) };
+      members.push(member);
+      cluster.ports.push(port);
+      const started = Date.now();
+      for (;;) {
+        if (child.exitCode !== null || child.signalCode !== null) {
+          throw new Error(`redis-server does not support cluster mode here (cluster-enabled/cluster-port need Redis 7+; exit ${child.exitCode}):\n${member.out.text}`);
+        }
+        try { if ((await redisPing(port)) === '+PONG') break; } catch { /* not yet */ }
+        if (Date.now() - started > 10000) throw new Error(`redis-server (cluster) on ${port} did not answer PING:\n${member.out.text}`);
+        await sleep(50);
+      }
+      const mode = await redisCommand(port, 'INFO', 'cluster');
+      if (!/cluster_enabled:1/.test(mode)) throw new Error(`redis-server on ${port} started without cluster support: ${mode}`);
+    }
+    const create = await new Promise((resolve) => {
+      execFile('redis-cli', ['--cluster', 'create', ...cluster.ports.map((p) => `${HOST}:${p}`), '--cluster-replicas', '0', '--cluster-yes'],
+        { timeout: 30000 }, (err, stdout, stderr) => resolve({ err, stdout, stderr }));
+    });
+    if (create.err) throw new Error(`redis-cli --cluster create failed: ${create.err.message}\n${create.stdout}\n${create.stderr}`);
+    await eventually(async () => {
+      for (const p of cluster.ports) {
+        const info = await redisCommand(p, 'CLUSTER', 'INFO');
+        if (!/cluster_state:ok/.test(info) || !/cluster_known_nodes:(\d+)/.test(info) || Number(info.match(/cluster_known_nodes:(\d+)/)[1]) !== masters) return false;
+      }
+      return true;
+    }, { timeout: 20000, interval: 100, message: 'Redis Cluster state ok on every node' });
+  } catch (e) {
+    await cluster.kill();
+    fs.rmSync(dir, { recursive: true, force: true });
+    throw e;
+  }
+  const [first, ...rest] = cluster.ports;
+  cluster.url = `redis-cluster://${HOST}:${first}?${rest.map((p) => `node=${HOST}:${p}`).join('&')}`;
+  return cluster;
+}
+
+/**
+ * Starts `belfry-coordinator run`. options: redisUrl (required), redisPrefix, metricsPort,
+ * sweepIntervalMs, leaderTtlMs, instanceId, args, env, readyTimeout.
+ * Returns { child, pid, metricsPort, metricsUrl(), output(), alive, leader() (0/1 from
+ * belfry_coordinator_leader), metrics(), stop(), kill(), terminate() }.
+ */
+async function startCoordinator(options = {}) {
+  requireCoordinatorBin();
+  if (!options.redisUrl) throw new Error('startCoordinator needs redisUrl');
+  const metricsPort = options.metricsPort || await freePort();
+  const args = ['run', '--redis-url', options.redisUrl, '--host', HOST, '--metrics-port', String(metricsPort)];
+  if (options.redisPrefix) args.push('--redis-prefix', options.redisPrefix);
+  if (options.sweepIntervalMs) args.push('--sweep-interval-ms', String(options.sweepIntervalMs));
+  if (options.leaderTtlMs) args.push('--leader-ttl-ms', String(options.leaderTtlMs));
+  if (options.instanceId) args.push('--instance-id', options.instanceId);
+  args.push(...(options.args || []));
+  const child = spawn(COORDINATOR_BIN, args, {
+    env: cleanEnv({ BELFRY_LOG_FORMAT: 'pretty', ...(options.env || {}) }),
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  liveProcesses.add(child);
+  child.once('exit', () => liveProcesses.delete(child));
+  const out = captureOutput(child);
+  const coord = {
+    child,
+    pid: child.pid,
+    metricsPort,
+    args,
+    instanceId: options.instanceId,
+    output: () => out.text,
+    metricsUrl: (p = '/metrics') => `http://${HOST}:${metricsPort}${p}`,
+    get alive() { return child.exitCode === null && child.signalCode === null; },
+    async metrics() {
+      const res = await fetch(coord.metricsUrl('/metrics'), { signal: AbortSignal.timeout(2000) });
+      return res.text();
+    },
+    /** belfry_coordinator_leader (0/1), or undefined if the metric is missing or the process is gone. */
+    async leader() {
+      if (!coord.alive) return undefined;
+      try { return metricValue(await coord.metrics(), 'belfry_coordinator_leader'); } catch { return undefined; }
+    },
+    async stop(graceMs = 5000) { await stopChild(child, graceMs); },
+    async kill() {
+      if (coord.alive) child.kill('SIGKILL');
+      await waitExit(child, 5000);
+    },
+    terminate() { if (coord.alive) child.kill('SIGTERM'); },
+  };
+  const deadline = Date.now() + (options.readyTimeout || 15000);
+  for (;;) {
+    if (!coord.alive) throw new Error(`belfry-coordinator exited early (code ${child.exitCode}, signal ${child.signalCode}); args ${args.join(' ')}\nOutput:\n${out.text}`);
+    try {
+      const res = await fetch(coord.metricsUrl('/healthz'), { signal: AbortSignal.timeout(1000) });
+      await res.text();
+      if (res.status === 200) break;
+    } catch { /* not listening yet */ }
+    if (Date.now() > deadline) {
+      await stopChild(child, 1000);
+      throw new Error(`belfry-coordinator did not answer /healthz on ${metricsPort}. Output:\n${out.text}`);
+    }
+    await sleep(50);
+  }
+  return coord;
+}
+
+/**
+ * `belfry-coordinator publish`: options redisUrl, app, channel, event, data (string or object,
+ * objects are JSON-encoded), socketId, redisPrefix. Resolves { code, stdout, stderr }.
+ */
+function coordinatorPublish(options) {
+  requireCoordinatorBin();
+  const data = typeof options.data === 'string' ? options.data : JSON.stringify(options.data);
+  const args = ['publish', '--redis-url', options.redisUrl, '--app', options.app, '--channel', options.channel, '--event', options.event, '--data', data];
+  if (options.socketId) args.push('--socket-id', options.socketId);
+  if (options.redisPrefix) args.push('--redis-prefix', options.redisPrefix);
+  return new Promise((resolve) => {
+    execFile(COORDINATOR_BIN, args, { timeout: 15000, env: cleanEnv() }, (err, stdout, stderr) => {
+      resolve({ code: err ? (err.code === undefined ? -1 : err.code) : 0, stdout: String(stdout), stderr: String(stderr), error: err });
+    });
+  });
+}
+
+/**
+ * A tiny TCP load balancer on a free port. `targets` are belfry nodes (or {port, readyUrl}); a new
+ * connection goes to the first target whose /readyz answered 200 at the last check (every 100 ms),
+ * falling back to the next one if connecting fails. Existing connections are piped as they are.
+ * Returns a node-like object ({ port, pathPrefix, app, apps, url(), wsUrl() } from the first
+ * target) so pusherClient(proxy) works, plus { connections, routed: [port...], close() }.
+ */
+async function startProxy(targets, options = {}) {
+  const port = await freePort();
+  const list = targets.map((t) => ({
+    port: t.port,
+    readyUrl: t.readyUrl || (t.metricsUrl ? t.metricsUrl('/readyz') : undefined),
+    healthy: true,
+  }));
+  const sockets = new Set();
+  const base = targets[0];
+  const proxy = {
+    ...(base.apps ? { apps: base.apps, app: base.app } : {}),
+    port,
+    pathPrefix: base.pathPrefix || '',
+    connections: 0,
+    routed: [],
+    url: (p) => `http://${HOST}:${port}${p}`,
+    wsUrl: (key, query = 'protocol=7&client=js&version=8.4.0&flash=false') => `ws://${HOST}:${port}${proxy.pathPrefix}/app/${key}${query ? `?${query}` : ''}`,
+  };
+  let closed = false;
+  const check = async () => {
+    while (!closed) {
+      await Promise.all(list.map(async (t) => {
+        if (!t.readyUrl) return;
+        try {
+          const res = await fetch(t.readyUrl, { signal: AbortSignal.timeout(500) });
+          await res.text();
+          t.healthy = res.status === 200;
+        } catch { t.healthy = false; }
+      }));
+      await sleep(options.checkIntervalMs || 100);
+    }
+  };
+  check();
+  const server = net.createServer((client) => {
+    proxy.connections++;
+    sockets.add(client);
+    client.pause();
+    const order = [...list.filter((t) => t.healthy), ...list.filter((t) => !t.healthy)];
+    const tryTarget = (i) => {
+      if (i >= order.length || closed) { client.destroy(); return; }
+      const upstream = net.connect(order[i].port, HOST);
+      upstream.once('error', () => { upstream.destroy(); if (!upstream.connectedOnce) tryTarget(i + 1); });
+      upstream.once('connect', () => {
+        upstream.connectedOnce = true;
+        proxy.routed.push(order[i].port);
+        sockets.add(upstream);
+        const done = () => { client.destroy(); upstream.destroy(); sockets.delete(client); sockets.delete(upstream); };
+        upstream.on('error', done);
+        upstream.on('close', done);
+        client.on('error', done);
+        client.on('close', done);
+        client.pipe(upstream);
+        upstream.pipe(client);
+        client.resume();
+      });
+    };
+    client.on('error', () => {});
+    tryTarget(0);
+  });
+  await new Promise((resolve, reject) => { server.once('error', reject); server.listen(port, HOST, resolve); });
+  proxy.close = () => {
+    closed = true;
+    for (const s of sockets) s.destroy();
+    return new Promise((resolve) => server.close(() => resolve()));
+  };
+  track(proxy, () => proxy.close());
+  return proxy;
+}
+
+/**
+ * Starts Redis (or uses options.redis / options.redisUrl), `nodes` belfry nodes on it and,
+ * with coordinator: true, one coordinator. options: nodes (2), coordinator (false), presenceTtl
+ * (secs, default 3), apps, node (extra top-level config for every node), nodeOptions (array of
+ * per-node startNode options), redisPrefix, sweepIntervalMs (default 250), leaderTtlMs,
+ * redisCluster (masters count: start a Redis Cluster instead of one server).
+ * Returns { redis, redisUrl, nodes, coordinators, coordinator, apps, app, prefix, addNode(),
+ * addCoordinator(), stop(), saveLogs(label) }.
+ */
+async function startCluster(options = {}) {
+  const cluster = { nodes: [], coordinators: [], prefix: options.redisPrefix || 'belfry' };
+  try {
+    if (options.redis) cluster.redis = options.redis;
+    else if (options.redisUrl) cluster.redis = null;
+    else if (options.redisCluster) cluster.redis = await startRedisCluster(options.redisCluster);
+    else cluster.redis = await startRedis();
+    cluster.redisUrl = options.redisUrl || cluster.redis.url;
+    const apps = options.apps || ['app1'];
+    let seq = 0;
+    cluster.addNode = async (extra = {}) => {
+      const i = seq++;
+      const node = await startNode({
+        apps,
+        redisUrl: cluster.redisUrl,
+        ...((options.nodeOptions && options.nodeOptions[i]) || {}),
+        ...extra,
+        node: {
+          node_id: `n${i}-${crypto.randomBytes(3).toString('hex')}`,
+          presence_ttl_secs: options.presenceTtl || 3,
+          ...(options.redisPrefix ? { redis_prefix: options.redisPrefix } : {}),
+          ...(options.node || {}),
+          ...(((options.nodeOptions && options.nodeOptions[i]) || {}).node || {}),
+          ...(extra.node || {}),
+        },
+      });
+      node.index = i;
+      cluster.nodes.push(node);
+      return node;
+    };
+    cluster.addCoordinator = async (extra = {}) => {
+      const c = await startCoordinator({
+        redisUrl: cluster.redisUrl,
+        redisPrefix: options.redisPrefix,
+        sweepIntervalMs: options.sweepIntervalMs || 250,
+        leaderTtlMs: options.leaderTtlMs,
+        ...extra,
+      });
+      cluster.coordinators.push(c);
+      return c;
+    };
+    // Nodes start one after another: each may seed Redis state at start.
+    for (let i = 0; i < (options.nodes === undefined ? 2 : options.nodes); i++) await cluster.addNode();
+    if (options.coordinator) cluster.coordinator = await cluster.addCoordinator();
+  } catch (e) {
+    await stopCluster(cluster);
+    throw e;
+  }
+  const first = cluster.nodes[0];
+  if (first) { cluster.apps = first.apps; cluster.app = first.app; }
+  cluster.stop = () => stopCluster(cluster);
+  cluster.saveLogs = (label) => saveClusterLogs(cluster, label);
+  return cluster;
+}
+
+async function stopCluster(cluster) {
+  await Promise.all(cluster.nodes.map(async (n) => {
+    try { await n.stop(3000); } catch { /* ignore */ }
+  }));
+  await Promise.all(cluster.coordinators.map(async (c) => {
+    try { await c.stop(3000); } catch { /* ignore */ }
+  }));
+  if (cluster.redis) { try { await cluster.redis.stop(); } catch { /* ignore */ } }
+}
+
+function saveClusterLogs(cluster, label) {
+  cluster.nodes.forEach((n) => saveLog(n, `${label}-node${n.index}`));
+  cluster.coordinators.forEach((c, i) => saveLog(c, `${label}-coordinator${i}`));
+  if (cluster.redis) saveLog(cluster.redis, `${label}-redis`);
+}
+
+/** Registers node:test hooks for a file: one cluster for the file, clients closed after each test. */
+function useCluster(options = {}, label = 'cluster') {
+  const { before, after, afterEach } = require('node:test');
+  const ctx = {};
+  before(async () => { ctx.cluster = await startCluster(options); });
+  afterEach(() => cleanupClients());
+  after(async () => {
+    await cleanupClients();
+    if (!ctx.cluster) return;
+    await ctx.cluster.stop();
+    ctx.cluster.saveLogs(label);
+  });
+  return ctx;
+}
+
+/** The last `lines` lines of a process's output, for failure messages. */
+function tail(proc, lines = 30) {
+  const text = proc && proc.output ? proc.output() : '';
+  return text.split('\n').slice(-lines).join('\n');
+}
+
 module.exports = {
   useNode,
   saveLog,
@@ -745,4 +1159,16 @@ module.exports = {
   getMetrics,
   metricValue,
   cleanupClients,
+  COORDINATOR_BIN,
+  respEncode,
+  respParse,
+  redisCommand,
+  startRedisCluster,
+  startCoordinator,
+  coordinatorPublish,
+  startProxy,
+  startCluster,
+  stopCluster,
+  useCluster,
+  tail,
 };

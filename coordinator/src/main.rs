@@ -1,0 +1,280 @@
+//! `belfry-coordinator`: the cluster's housekeeper (`run`, the default) and a
+//! one-shot publisher for scripts and debugging (`publish`).
+//!
+//! This file only turns flags into the library's types and wires them up;
+//! the work itself lives in `daemon` and `publisher`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use belfry_coordinator::daemon::{self, Coordinator, CoordinatorOptions};
+use belfry_coordinator::keys::Keys;
+use belfry_coordinator::publisher::Publisher;
+use belfry_coordinator::redis::Redis;
+use belfry_coordinator::Envelope;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fred::interfaces::ClientLike;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How long a command waits for Redis before giving up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Parser)]
+#[command(
+    name = "belfry-coordinator",
+    version,
+    about = "Belfry's cluster coordinator: expires presence of dead nodes (announcing member_removed), \
+             reaps dead nodes' occupancy, and publishes envelopes from the command line.",
+    long_about = None,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Without a subcommand, `run` with these flags.
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Campaign for leadership and, while leading, sweep (the default).
+    Run(RunArgs),
+    /// Publish one event straight into Redis and exit.
+    Publish(PublishArgs),
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// Redis to coordinate (required): redis://host:port/db or redis-cluster://host:port?node=host:port
+    #[arg(long, env = "BELFRY_REDIS_URL")]
+    redis_url: Option<String>,
+    /// Prefix of every Belfry key and pub/sub channel; the nodes must use the same.
+    #[arg(long, env = "BELFRY_REDIS_PREFIX", default_value = "belfry")]
+    redis_prefix: String,
+    /// Address the metrics port listens on.
+    #[arg(long, env = "BELFRY_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// Port serving /metrics, /healthz and /readyz; 0 turns it off.
+    #[arg(long, env = "BELFRY_METRICS_PORT", default_value_t = 9602)]
+    metrics_port: u16,
+    /// How often the leader removes expired presence and dead nodes, in ms.
+    #[arg(long, env = "BELFRY_SWEEP_INTERVAL_MS", default_value_t = 1000)]
+    sweep_interval_ms: u64,
+    /// How long a crashed leader's lock survives it, in ms (renewed every third).
+    #[arg(long, env = "BELFRY_LEADER_TTL_MS", default_value_t = 5000)]
+    leader_ttl_ms: u64,
+    /// This replica's name in the leader lock [default: host-pid-nonce]
+    #[arg(long, env = "BELFRY_INSTANCE_ID")]
+    instance_id: Option<String>,
+    /// Log format; RUST_LOG filters (e.g. RUST_LOG=belfry_coordinator=debug).
+    #[arg(long, env = "BELFRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    log_format: LogFormat,
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    /// Redis the nodes use.
+    #[arg(long, env = "BELFRY_REDIS_URL")]
+    redis_url: String,
+    /// Prefix of every Belfry key and pub/sub channel; the nodes must use the same.
+    #[arg(long, env = "BELFRY_REDIS_PREFIX", default_value = "belfry")]
+    redis_prefix: String,
+    /// App id.
+    #[arg(long)]
+    app: String,
+    /// Pusher channel name, e.g. private-orders.1
+    #[arg(long)]
+    channel: String,
+    /// Event name.
+    #[arg(long)]
+    event: String,
+    /// Event data exactly as clients should receive it (usually JSON text).
+    #[arg(long)]
+    data: String,
+    /// A socket id to leave out (the publisher's own connection).
+    #[arg(long)]
+    socket_id: Option<String>,
+    /// How long a cache channel keeps this event, in seconds.
+    #[arg(long, default_value_t = 1800)]
+    cache_ttl_secs: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                match cli.command {
+                    Some(Command::Publish(args)) => publish(args).await,
+                    Some(Command::Run(args)) => run(args).await,
+                    None => run(cli.run).await,
+                }
+            })
+        });
+    if let Err(e) = result {
+        eprintln!("belfry-coordinator: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let prometheus = install_recorder();
+    let url = args
+        .redis_url
+        .context("--redis-url (or BELFRY_REDIS_URL) is required: the coordinator works on the cluster's Redis")?;
+    let redis = Redis::connect(&url).context("invalid --redis-url")?;
+    if !redis.wait_connected(CONNECT_TIMEOUT).await {
+        tracing::warn!("Redis is not reachable yet; retrying in the background");
+    }
+    let mut options = CoordinatorOptions {
+        sweep_interval: Duration::from_millis(args.sweep_interval_ms.max(10)),
+        leader_ttl: Duration::from_millis(args.leader_ttl_ms.max(30)),
+        ..CoordinatorOptions::default()
+    };
+    if let Some(id) = args.instance_id {
+        options.instance_id = id;
+    }
+    let coordinator = Coordinator::new(redis.clone(), Keys::new(&args.redis_prefix), options);
+    let shutdown = CancellationToken::new();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if args.metrics_port != 0 {
+        let address = format!("{}:{}", args.host, args.metrics_port);
+        let listener = TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {address}"))?;
+        tasks.spawn(daemon::serve_metrics(
+            listener,
+            prometheus,
+            redis.clone(),
+            coordinator.leadership(),
+            shutdown.clone(),
+        ));
+    }
+    tasks.spawn(cancel_on_signal(shutdown.clone()));
+    tracing::info!(
+        instance = %coordinator.instance_id(),
+        prefix = %args.redis_prefix,
+        metrics = args.metrics_port,
+        "belfry-coordinator running"
+    );
+
+    coordinator.run(shutdown.clone()).await;
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    let _ = redis.client.quit().await;
+    let _ = redis.subscriber.quit().await;
+    tracing::info!("belfry-coordinator stopped");
+    Ok(())
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the coordinator");
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = term.recv() => tracing::info!("SIGTERM: releasing leadership and exiting"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: releasing leadership and exiting"),
+    }
+    shutdown.cancel();
+}
+
+async fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    let redis = Redis::connect(&args.redis_url).context("invalid --redis-url")?;
+    if !redis.wait_connected(CONNECT_TIMEOUT).await {
+        anyhow::bail!(
+            "cannot reach Redis within {}s; nothing was published",
+            CONNECT_TIMEOUT.as_secs()
+        );
+    }
+    let publisher = Publisher::new(redis.clone(), Keys::new(&args.redis_prefix))
+        .with_cache_ttl(Duration::from_secs(args.cache_ttl_secs));
+    let mut envelope = Envelope::event(&args.app, &args.channel, &args.event, args.data);
+    envelope.socket_id = args.socket_id;
+    let receivers = publisher
+        .publish_batch(vec![envelope.clone()])
+        .await
+        .context("publish failed")?;
+    let nodes = receivers.first().copied().unwrap_or(0);
+    println!(
+        "published {} to app {} channel {} ({} bytes of data{}); {} node(s) subscribed",
+        envelope.event,
+        envelope.app,
+        envelope.channel,
+        envelope.data.len(),
+        envelope
+            .socket_id
+            .as_deref()
+            .map(|s| format!(", excluding socket {s}"))
+            .unwrap_or_default(),
+        nodes
+    );
+    let _ = redis.client.quit().await;
+    let _ = redis.subscriber.quit().await;
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Pretty => builder.compact().try_init(),
+    };
+}
+
+fn install_recorder() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
+        .ok()?;
+    metrics::describe_gauge!(
+        "belfry_coordinator_leader",
+        "1 while this replica holds the leader lock"
+    );
+    metrics::describe_counter!(
+        "belfry_coordinator_sweeps_total",
+        "Sweeps run by this replica as leader"
+    );
+    metrics::describe_counter!(
+        "belfry_coordinator_presence_removals_total",
+        "Presence members removed after their connections expired (member_removed published)"
+    );
+    metrics::describe_counter!(
+        "belfry_coordinator_nodes_reaped_total",
+        "Nodes whose heartbeat lapsed and whose occupancy was removed"
+    );
+    // Present from the start, so dashboards see 0 rather than nothing.
+    metrics::gauge!("belfry_coordinator_leader").set(0.0);
+    for counter in [
+        "belfry_coordinator_sweeps_total",
+        "belfry_coordinator_presence_removals_total",
+        "belfry_coordinator_nodes_reaped_total",
+    ] {
+        metrics::counter!(counter).absolute(0);
+    }
+    Some(handle)
+}

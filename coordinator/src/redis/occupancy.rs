@@ -1,0 +1,375 @@
+//! Cluster-wide occupancy, kept by each node for its own sockets: how many
+//! subscriptions it holds per channel, which channels an app has anywhere,
+//! and how many connections each app has on each node.
+//!
+//! Subscription counts are written before `subscription_succeeded` is sent,
+//! so the HTTP API's `subscription_count` on any node includes a client as
+//! soon as that client sees its subscription confirmed. Connection counts
+//! (for per-app quotas) are exchanged once a second with the heartbeat, so a
+//! quota can be overshot by what other nodes admitted within that second.
+//! A node that dies stops its heartbeat; the coordinator then removes its
+//! counts. After a Redis restart the heartbeat writes everything back.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::Redis;
+use crate::envelope::now_us;
+use crate::keys::{index_member, Keys};
+
+/// How often a node says it is alive and exchanges connection counts.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A node missing heartbeats for this long is dead: its counts stop being
+/// added up at once, and the coordinator deletes them.
+pub const NODE_EXPIRY: Duration = Duration::from_secs(5);
+
+static LEAVE: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("../lua/occupancy_leave.lua")));
+
+#[derive(Default)]
+struct Local {
+    /// (app, channel) -> this node's subscriptions.
+    channels: HashMap<(String, String), usize>,
+    /// app -> this node's connections.
+    connections: HashMap<String, usize>,
+    /// app -> connections on the other live nodes, as of the last heartbeat.
+    others: HashMap<String, usize>,
+    /// Whether this node has registered itself at least once.
+    registered: bool,
+}
+
+pub struct RedisOccupancy {
+    redis: Redis,
+    keys: Keys,
+    node_id: String,
+    local: Mutex<Local>,
+}
+
+fn unavailable(e: Error) -> String {
+    format!("Redis: {e}")
+}
+
+impl RedisOccupancy {
+    pub fn start(
+        redis: Redis,
+        keys: Keys,
+        node_id: String,
+        stop: CancellationToken,
+    ) -> Arc<RedisOccupancy> {
+        let occupancy = Arc::new(RedisOccupancy {
+            redis,
+            keys,
+            node_id,
+            local: Mutex::new(Local::default()),
+        });
+        tokio::spawn(heartbeat_task(occupancy.clone(), stop));
+        occupancy
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// One more local subscription on `channel`.
+    pub async fn joined(&self, app: &str, channel: &str) -> Result<(), String> {
+        *self
+            .local
+            .lock()
+            .channels
+            .entry((app.to_owned(), channel.to_owned()))
+            .or_default() += 1;
+        let pipeline = self.redis.client.pipeline();
+        let _: () = pipeline
+            .hincrby(self.keys.occupancy(app, channel), &self.node_id, 1)
+            .await
+            .map_err(unavailable)?;
+        let _: () = pipeline
+            .sadd(self.keys.channel_index(app), channel)
+            .await
+            .map_err(unavailable)?;
+        let _: () = pipeline
+            .sadd(
+                self.keys.node_channels(&self.node_id),
+                index_member(app, channel),
+            )
+            .await
+            .map_err(unavailable)?;
+        let _: Vec<Value> = pipeline.all().await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// One local subscription on `channel` ended.
+    pub async fn left(&self, app: &str, channel: &str) -> Result<(), String> {
+        let key = (app.to_owned(), channel.to_owned());
+        let now_empty_here = {
+            let mut local = self.local.lock();
+            match local.channels.get_mut(&key) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    local.channels.remove(&key);
+                    true
+                }
+                None => return Ok(()),
+            }
+        };
+        let remaining: i64 = LEAVE
+            .evalsha_with_reload(
+                &self.redis.client,
+                vec![self.keys.occupancy(app, channel)],
+                vec![self.node_id.clone()],
+            )
+            .await
+            .map_err(unavailable)?;
+        if now_empty_here {
+            let _: () = self
+                .redis
+                .client
+                .srem(
+                    self.keys.node_channels(&self.node_id),
+                    index_member(app, channel),
+                )
+                .await
+                .map_err(unavailable)?;
+        }
+        if remaining == 0 {
+            let _: () = self
+                .redis
+                .client
+                .srem(self.keys.channel_index(app), channel)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Nodes whose heartbeat lapsed: their counts are a dead node's
+    /// leftovers until the coordinator deletes them, and are not added up.
+    /// (A node missing from the set altogether, as right after a Redis
+    /// restart, still counts: it re-registers within a heartbeat.)
+    async fn dead_nodes(&self) -> Result<HashSet<String>, String> {
+        let now_ms = (now_us() / 1000) as f64;
+        let dead: Vec<String> = self
+            .redis
+            .client
+            .zrangebyscore(self.keys.nodes(), "-inf", now_ms, false, None)
+            .await
+            .map_err(unavailable)?;
+        Ok(dead.into_iter().collect())
+    }
+
+    fn live_total(counts: HashMap<String, i64>, dead: &HashSet<String>) -> usize {
+        counts
+            .into_iter()
+            .filter(|(node, n)| *n > 0 && !dead.contains(node))
+            .map(|(_, n)| n as usize)
+            .sum()
+    }
+
+    /// Subscriptions on `channel` across the cluster.
+    pub async fn subscription_count(&self, app: &str, channel: &str) -> Result<usize, String> {
+        let dead = self.dead_nodes().await?;
+        let counts: HashMap<String, i64> = self
+            .redis
+            .client
+            .hgetall(self.keys.occupancy(app, channel))
+            .await
+            .map_err(unavailable)?;
+        Ok(Self::live_total(counts, &dead))
+    }
+
+    /// Every channel of `app` with subscribers anywhere, with its count.
+    pub async fn channels(&self, app: &str) -> Result<Vec<(String, usize)>, String> {
+        let names: Vec<String> = self
+            .redis
+            .client
+            .smembers(self.keys.channel_index(app))
+            .await
+            .map_err(unavailable)?;
+        let dead = self.dead_nodes().await?;
+        let mut out = Vec::with_capacity(names.len());
+        for chunk in names.chunks(200) {
+            let pipeline = self.redis.client.pipeline();
+            for name in chunk {
+                let _: () = pipeline
+                    .hgetall(self.keys.occupancy(app, name))
+                    .await
+                    .map_err(unavailable)?;
+            }
+            let counts: Vec<HashMap<String, i64>> = pipeline.all().await.map_err(unavailable)?;
+            for (name, counts) in chunk.iter().zip(counts) {
+                let total = Self::live_total(counts, &dead);
+                if total > 0 {
+                    out.push((name.clone(), total));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn connection_opened(&self, app: &str) {
+        *self
+            .local
+            .lock()
+            .connections
+            .entry(app.to_owned())
+            .or_default() += 1;
+    }
+
+    pub fn connection_closed(&self, app: &str) {
+        if let Some(n) = self.local.lock().connections.get_mut(app) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Connections of `app` on the other live nodes, as of the last heartbeat.
+    pub fn others_connections(&self, app: &str) -> usize {
+        self.local.lock().others.get(app).copied().unwrap_or(0)
+    }
+
+    /// Removes this node from the cluster's books (graceful shutdown).
+    pub async fn leave_cluster(&self) {
+        let _: Result<(), _> = self
+            .redis
+            .client
+            .zrem(self.keys.nodes(), &self.node_id)
+            .await;
+        let _: Result<(), _> = self
+            .redis
+            .client
+            .del(vec![
+                self.keys.node_connections(&self.node_id),
+                self.keys.node_channels(&self.node_id),
+            ])
+            .await;
+    }
+
+    /// Writes this node's subscription counts back, after Redis came back
+    /// (possibly empty) from a restart.
+    async fn restore(&self) -> Result<(), Error> {
+        let channels: Vec<((String, String), usize)> = self
+            .local
+            .lock()
+            .channels
+            .iter()
+            .map(|(k, n)| (k.clone(), *n))
+            .collect();
+        for chunk in channels.chunks(200) {
+            let pipeline = self.redis.client.pipeline();
+            for ((app, channel), n) in chunk {
+                let _: () = pipeline
+                    .hset(
+                        self.keys.occupancy(app, channel),
+                        (self.node_id.as_str(), *n as i64),
+                    )
+                    .await?;
+                let _: () = pipeline
+                    .sadd(self.keys.channel_index(app), channel.as_str())
+                    .await?;
+                let _: () = pipeline
+                    .sadd(
+                        self.keys.node_channels(&self.node_id),
+                        index_member(app, channel),
+                    )
+                    .await?;
+            }
+            let _: Vec<Value> = pipeline.all().await?;
+        }
+        tracing::info!(channels = channels.len(), "occupancy restored to Redis");
+        Ok(())
+    }
+
+    /// Says this node is alive, publishes its connection counts and reads
+    /// the others'.
+    async fn beat(&self) -> Result<(), Error> {
+        let now_ms = now_us() / 1000;
+        let connections = self.local.lock().connections.clone();
+        let pipeline = self.redis.client.pipeline();
+        let expiry = (now_ms + NODE_EXPIRY.as_millis() as u64) as f64;
+        let _: () = pipeline
+            .zadd(
+                self.keys.nodes(),
+                None,
+                None,
+                false,
+                false,
+                (expiry, self.node_id.as_str()),
+            )
+            .await?;
+        if !connections.is_empty() {
+            let values: Vec<(String, i64)> = connections
+                .iter()
+                .map(|(a, n)| (a.clone(), *n as i64))
+                .collect();
+            let _: () = pipeline
+                .hset(self.keys.node_connections(&self.node_id), values)
+                .await?;
+        }
+        let replies: Vec<Value> = pipeline.all().await?;
+        // ZADD answers 1 when the node was not registered: the first beat, or
+        // the coordinator reaped this node during a stall and deleted its
+        // counts, which must then be written back.
+        let newly_added = replies.first().and_then(|v| v.as_i64()) == Some(1);
+        let was_registered = std::mem::replace(&mut self.local.lock().registered, true);
+        if newly_added && was_registered {
+            tracing::warn!("this node had been reaped as dead; restoring its occupancy");
+            self.restore().await?;
+        }
+
+        let alive: Vec<String> = self
+            .redis
+            .client
+            .zrangebyscore(self.keys.nodes(), now_ms as f64, "+inf", false, None)
+            .await?;
+        let mut others: HashMap<String, usize> = HashMap::new();
+        for node in alive.iter().filter(|n| **n != self.node_id) {
+            let counts: HashMap<String, i64> = self
+                .redis
+                .client
+                .hgetall(self.keys.node_connections(node))
+                .await?;
+            for (app, n) in counts {
+                *others.entry(app).or_default() += n.max(0) as usize;
+            }
+        }
+        self.local.lock().others = others;
+        Ok(())
+    }
+}
+
+async fn heartbeat_task(occupancy: Arc<RedisOccupancy>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reconnects = occupancy.redis.client.reconnect_rx();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+            reconnected = reconnects.recv() => {
+                if reconnected.is_ok() {
+                    if let Err(e) = occupancy.restore().await {
+                        tracing::warn!(error = %e, "occupancy restore failed; retrying on the next reconnect");
+                    }
+                    if let Err(e) = occupancy.beat().await {
+                        tracing::warn!(error = %e, "heartbeat to Redis failed");
+                    }
+                }
+                continue;
+            }
+        }
+        if !occupancy.redis.client.is_connected() {
+            continue;
+        }
+        if let Err(e) = occupancy.beat().await {
+            tracing::warn!(error = %e, "heartbeat to Redis failed");
+        }
+    }
+}
