@@ -97,11 +97,6 @@ pub fn publish_latency(seconds: f64) {
     histogram!("belfry_http_publish_seconds").record(seconds);
 }
 
-pub fn api_rate_limited(app: &str) {
-    counter!("belfry_rate_limited_total", "app" => app.to_owned(), "kind" => "http_api")
-        .increment(1);
-}
-
 pub fn redis_reconnect() {
     counter!("belfry_redis_reconnects_total").increment(1);
 }
