@@ -99,6 +99,8 @@ pub struct AppConfig {
     pub max_batch_size: usize,
     pub max_presence_members: usize,
     pub max_user_info_bytes: usize,
+    /// Channels one connection may be subscribed to at once.
+    pub max_channels_per_connection: usize,
     /// Client events per connection per second; over it: 4301.
     pub client_event_rate: u32,
     /// How long a cache channel keeps its last event.
@@ -125,6 +127,7 @@ impl Default for AppConfig {
             max_batch_size: 10,
             max_presence_members: 100,
             max_user_info_bytes: 1_024,
+            max_channels_per_connection: 500,
             client_event_rate: 10,
             cache_ttl_secs: 1_800,
             laravel_redis_prefix: None,

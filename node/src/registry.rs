@@ -221,8 +221,10 @@ impl AppRegistry {
 pub struct Registry {
     by_id: HashMap<String, Arc<AppRegistry>>,
     by_key: HashMap<String, Arc<AppRegistry>>,
-    /// Envelopes on their way to the fan-out task.
-    inbound: tokio::sync::mpsc::UnboundedSender<Envelope>,
+    /// Envelopes on their way to the fan-out tasks, one per core; a channel
+    /// always goes to the same task, so its events keep their order.
+    inbound: Vec<tokio::sync::mpsc::UnboundedSender<Envelope>>,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 /// Envelopes handled per fan-out round; each recipient is written once per round.
@@ -239,13 +241,19 @@ impl Registry {
             by_id.insert(config.id.clone(), app.clone());
             by_key.insert(config.key.clone(), app);
         }
-        let (inbound, rx) = tokio::sync::mpsc::unbounded_channel();
+        let tasks = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (inbound, receivers): (Vec<_>, Vec<_>) = (0..tasks)
+            .map(|_| tokio::sync::mpsc::unbounded_channel())
+            .unzip();
         let registry = Arc::new(Self {
             by_id,
             by_key,
             inbound,
+            hasher: Default::default(),
         });
-        tokio::spawn(fan_out_task(Arc::downgrade(&registry), rx));
+        for rx in receivers {
+            tokio::spawn(fan_out_task(Arc::downgrade(&registry), rx));
+        }
         registry
     }
 
@@ -292,9 +300,15 @@ impl Registry {
 }
 
 impl Delivery for Registry {
-    /// Hands the envelope to the fan-out task; never blocks the publisher.
+    /// Hands the envelope to its channel's fan-out task; never blocks the
+    /// publisher.
     fn deliver(&self, envelope: Envelope) {
-        let _ = self.inbound.send(envelope);
+        let lane = if self.inbound.len() == 1 {
+            0
+        } else {
+            self.hasher.hash_one((&envelope.app, &envelope.channel)) as usize % self.inbound.len()
+        };
+        let _ = self.inbound[lane].send(envelope);
     }
 }
 

@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -61,6 +62,10 @@ where
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
+                // A client that trickles its request headers is dropped
+                // rather than holding a task and a buffer forever.
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(conn);

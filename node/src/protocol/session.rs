@@ -197,6 +197,16 @@ impl Session {
             // same socket changes nothing.
             return Vec::new();
         }
+        if self.channels.len() >= self.app.max_channels_per_connection {
+            return refuse(
+                code::OVER_QUOTA,
+                429,
+                format!(
+                    "This connection is already on {} channels, the most allowed",
+                    self.app.max_channels_per_connection
+                ),
+            );
+        }
         let kind = channel.kind();
         if kind == ChannelKind::ServerToUser
             && channel.server_to_user_id() != self.user_id.as_deref()
@@ -482,6 +492,31 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("user_info"));
+    }
+
+    #[test]
+    fn a_connection_has_a_channel_limit() {
+        let now = Instant::now();
+        let app = Arc::new(AppConfig {
+            key: "key".into(),
+            secret: "secret".into(),
+            max_channels_per_connection: 2,
+            ..AppConfig::default()
+        });
+        let mut s = Session::new(SocketId(1, 2), app, now);
+        s.on_text(&subscribe_frame("a", None, None), now);
+        s.on_text(&subscribe_frame("b", None, None), now);
+        let frames = sent(&s.on_text(&subscribe_frame("c", None, None), now));
+        assert_eq!(frames[0]["event"], "pusher:subscription_error");
+        assert_eq!(frames[0]["data"]["status"], 429);
+        s.on_text(
+            r#"{"event":"pusher:unsubscribe","data":{"channel":"a"}}"#,
+            now,
+        );
+        assert!(matches!(
+            &s.on_text(&subscribe_frame("c", None, None), now)[..],
+            [Action::Subscribe { .. }]
+        ));
     }
 
     #[test]
