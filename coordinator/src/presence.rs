@@ -59,6 +59,28 @@ pub trait PresenceStore: Send + Sync + 'static {
         socket_id: &str,
     ) -> BoxFuture<'static, Result<Option<PresenceMember>, PresenceError>>;
 
+    /// Like `join` with no member limit, for bookkeeping that never sends a
+    /// member list (who is online, for watchlists): only whether the user
+    /// was added. Stores where the list is costly override it.
+    fn track(
+        &self,
+        app: &str,
+        channel: &str,
+        socket_id: &str,
+        member: PresenceMember,
+    ) -> BoxFuture<'static, Result<bool, PresenceError>> {
+        let joined = self.join(app, channel, socket_id, member, usize::MAX);
+        Box::pin(async move { joined.await.map(|j| j.user_added) })
+    }
+
+    /// Which of `user_ids` are on the channel now.
+    fn present(
+        &self,
+        app: &str,
+        channel: &str,
+        user_ids: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<String>, PresenceError>>;
+
     /// The distinct users on a channel.
     fn members(
         &self,
@@ -143,6 +165,23 @@ impl MemoryPresence {
 }
 
 impl PresenceStore for MemoryPresence {
+    fn present(
+        &self,
+        app: &str,
+        channel: &str,
+        user_ids: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<String>, PresenceError>> {
+        let channels = self.channels.lock();
+        let here: Vec<String> = match channels.get(&(app.to_owned(), channel.to_owned())) {
+            Some(c) => user_ids
+                .into_iter()
+                .filter(|u| c.users.contains_key(u))
+                .collect(),
+            None => Vec::new(),
+        };
+        Box::pin(async move { Ok(here) })
+    }
+
     fn join(
         &self,
         app: &str,

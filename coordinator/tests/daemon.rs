@@ -415,4 +415,3 @@ async fn http_get(port: u16, path: &str) -> String {
     let _ = stream.read_to_string(&mut response).await;
     response
 }
-

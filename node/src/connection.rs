@@ -22,7 +22,7 @@ use crate::outbox::{ConnHandle, Outbox};
 use crate::protocol::frame::Encode;
 use crate::protocol::session::Joined;
 use crate::protocol::{code, Action, ChannelKind, ChannelName, Session, SocketId};
-use crate::registry::AppRegistry;
+use crate::registry::{AppRegistry, ONLINE_CHANNEL};
 use crate::websocket::{self, Decoder, Incoming, Violation};
 
 /// How long a closing handshake may take before the socket is dropped.
@@ -301,11 +301,21 @@ impl Conn {
                         self.handle.send(Encode::error(None, &message).as_str());
                     }
                 }
-                Action::SignedIn { user_id, previous } => {
+                Action::SignedIn {
+                    user_id,
+                    previous,
+                    watchlist,
+                    previous_watchlist,
+                } => {
                     if let Some(previous) = previous {
                         self.app.remove_user(&previous, self.handle.socket_id);
+                        self.app
+                            .remove_watcher(&previous_watchlist, self.handle.socket_id);
+                        self.went_offline().await;
                     }
                     self.app.add_user(&user_id, self.handle.clone());
+                    self.app.add_watcher(&watchlist, &self.handle);
+                    self.came_online(&user_id, watchlist).await;
                 }
             }
         }
@@ -465,9 +475,89 @@ impl Conn {
         }
     }
 
+    /// A signed-in user is online while any connection of theirs is, across
+    /// the cluster: the internal `#online` presence channel counts them, and
+    /// its member events tell watchers. A new watcher first hears which of
+    /// its watched users are online already.
+    async fn came_online(&self, user_id: &str, watchlist: Vec<String>) {
+        let app_id = self.app.config.id.as_str();
+        if let Err(e) = self.node.bus.subscribe(app_id, ONLINE_CHANNEL).await {
+            tracing::warn!(error = %e, "watchlist events unavailable for now");
+        }
+        let member = PresenceMember {
+            user_id: user_id.to_owned(),
+            user_id_json: serde_json::Value::String(user_id.to_owned()).to_string(),
+            user_info: None,
+        };
+        let socket = self.handle.socket_id.to_string();
+        match self
+            .node
+            .presence
+            .track(app_id, ONLINE_CHANNEL, &socket, member.clone())
+            .await
+        {
+            Ok(true) => {
+                let data = Encode::member_added_data(&member.user_id_json, None);
+                let envelope =
+                    Envelope::event(app_id, ONLINE_CHANNEL, "pusher_internal:member_added", data);
+                if let Err(e) = self.node.bus.publish(vec![envelope]).await {
+                    tracing::warn!(error = %e, "online event not published");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "online status not recorded"),
+        }
+        if watchlist.is_empty() {
+            return;
+        }
+        match self
+            .node
+            .presence
+            .present(app_id, ONLINE_CHANNEL, watchlist)
+            .await
+        {
+            Ok(online) if !online.is_empty() => {
+                self.handle
+                    .send(Encode::watchlist_event("online", &online).as_str());
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "watchlist status unavailable"),
+        }
+    }
+
+    /// This connection's user is no longer signed in on it.
+    async fn went_offline(&self) {
+        let app_id = self.app.config.id.as_str();
+        let socket = self.handle.socket_id.to_string();
+        match self
+            .node
+            .presence
+            .leave(app_id, ONLINE_CHANNEL, &socket)
+            .await
+        {
+            Ok(Some(member)) => {
+                let data = Encode::member_removed_data(&member.user_id_json);
+                let envelope = Envelope::event(
+                    app_id,
+                    ONLINE_CHANNEL,
+                    "pusher_internal:member_removed",
+                    data,
+                );
+                if let Err(e) = self.node.bus.publish(vec![envelope]).await {
+                    tracing::warn!(error = %e, "offline event not published");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "online status not cleared"),
+        }
+    }
+
     async fn leave_all(&self, session: &mut Session) {
         if let Some(user_id) = session.user_id() {
             self.app.remove_user(user_id, self.handle.socket_id);
+            self.app
+                .remove_watcher(session.watchlist(), self.handle.socket_id);
+            self.went_offline().await;
         }
         for (channel, Joined { presence_user }) in session.take_channels() {
             let presence = presence_user.is_some() && channel.kind() == ChannelKind::Presence;

@@ -23,6 +23,10 @@ use crate::telemetry::AppMetrics;
 
 const SHARDS: usize = 16;
 
+/// The internal presence channel of signed-in users, per app: its member
+/// events drive watchlists. Clients cannot name it (`#` is reserved).
+pub const ONLINE_CHANNEL: &str = "#online";
+
 type Subscribers = HashMap<SocketId, ConnHandle>;
 /// One shard of an app's channels: channel name -> local subscribers.
 type Shard = RwLock<HashMap<Box<str>, Subscribers>>;
@@ -34,6 +38,8 @@ pub struct AppRegistry {
     shards: Box<[Shard]>,
     hasher: std::collections::hash_map::RandomState,
     users: Mutex<HashMap<String, Vec<ConnHandle>>>,
+    /// user_id -> connections watching that user (signin watchlists).
+    watchers: Mutex<HashMap<String, Vec<ConnHandle>>>,
     connections: AtomicUsize,
     channels: AtomicUsize,
 }
@@ -52,6 +58,7 @@ impl AppRegistry {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: Default::default(),
             users: Mutex::new(HashMap::new()),
+            watchers: Mutex::new(HashMap::new()),
             connections: AtomicUsize::new(0),
             channels: AtomicUsize::new(0),
         }
@@ -203,6 +210,45 @@ impl AppRegistry {
         }
     }
 
+    pub fn add_watcher(&self, watchlist: &[String], handle: &ConnHandle) {
+        let mut watchers = self.watchers.lock();
+        for user in watchlist {
+            watchers
+                .entry(user.clone())
+                .or_default()
+                .push(handle.clone());
+        }
+    }
+
+    pub fn remove_watcher(&self, watchlist: &[String], socket_id: SocketId) {
+        let mut watchers = self.watchers.lock();
+        for user in watchlist {
+            if let Some(handles) = watchers.get_mut(user) {
+                handles.retain(|h| h.socket_id != socket_id);
+                if handles.is_empty() {
+                    watchers.remove(user);
+                }
+            }
+        }
+    }
+
+    /// Tells this node's watchers of `user_id` that the user came or went.
+    fn notify_watchers(&self, user_id: &str, name: &str) {
+        let handles = self
+            .watchers
+            .lock()
+            .get(user_id)
+            .cloned()
+            .unwrap_or_default();
+        if handles.is_empty() {
+            return;
+        }
+        let frame = Encode::watchlist_event(name, &[user_id.to_owned()]);
+        for handle in handles {
+            handle.send(frame.as_str());
+        }
+    }
+
     /// Closes every local connection of a signed-in user.
     pub fn terminate_user(&self, user_id: &str) -> usize {
         let handles = self.users.lock().get(user_id).cloned().unwrap_or_default();
@@ -263,6 +309,21 @@ impl Registry {
             return;
         };
         match envelope.kind {
+            EnvelopeKind::Event if envelope.channel == ONLINE_CHANNEL => {
+                // Who is online: member events of the internal channel become
+                // watchlist events for the users' watchers.
+                let name = match envelope.event.as_str() {
+                    "pusher_internal:member_added" => "online",
+                    "pusher_internal:member_removed" => "offline",
+                    _ => return,
+                };
+                let user = serde_json::from_str::<serde_json::Value>(&envelope.data)
+                    .ok()
+                    .and_then(|v| v.get("user_id").cloned());
+                if let Some(serde_json::Value::String(user_id)) = user {
+                    app.notify_watchers(&user_id, name);
+                }
+            }
             EnvelopeKind::Event => {
                 let frame = Encode::event_with_user(
                     &envelope.event,

@@ -166,6 +166,60 @@ impl Drop for RedisPresence {
 }
 
 impl PresenceStore for RedisPresence {
+    fn track(
+        &self,
+        app: &str,
+        channel: &str,
+        socket_id: &str,
+        member: PresenceMember,
+    ) -> BoxFuture<'static, Result<bool, PresenceError>> {
+        let inner = self.inner.clone();
+        let (app, channel, socket_id) = (app.to_owned(), channel.to_owned(), socket_id.to_owned());
+        Box::pin(async move {
+            // No member list: on a channel of every online user it would make
+            // each signin O(users).
+            let joined = join_script(
+                &inner,
+                &app,
+                &channel,
+                &socket_id,
+                &member,
+                usize::MAX,
+                false,
+            )
+            .await
+            .map_err(unavailable)?
+            .ok_or(PresenceError::Full(usize::MAX))?;
+            remember(&inner, &app, &channel, socket_id, member).await;
+            Ok(joined.user_added)
+        })
+    }
+
+    fn present(
+        &self,
+        app: &str,
+        channel: &str,
+        user_ids: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<String>, PresenceError>> {
+        let client = self.inner.redis.client.clone();
+        let key = self.inner.keys.presence_counts(app, channel);
+        Box::pin(async move {
+            if user_ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let counts: Vec<Option<i64>> = client
+                .hmget(key, user_ids.clone())
+                .await
+                .map_err(unavailable)?;
+            Ok(user_ids
+                .into_iter()
+                .zip(counts)
+                .filter(|(_, n)| n.is_some_and(|n| n > 0))
+                .map(|(u, _)| u)
+                .collect())
+        })
+    }
+
     fn join(
         &self,
         app: &str,
@@ -189,22 +243,7 @@ impl PresenceStore for RedisPresence {
             .await
             .map_err(unavailable)?
             .ok_or(PresenceError::Full(max_members))?;
-            inner
-                .mirror
-                .lock()
-                .entry((app.clone(), channel.clone()))
-                .or_default()
-                .insert(socket_id, member);
-            // A different slot than the channel's keys, so not in the script.
-            // If it fails the next refresh adds it again.
-            let indexed: Result<(), Error> = inner
-                .redis
-                .client
-                .sadd(inner.keys.presence_index(), index_member(&app, &channel))
-                .await;
-            if let Err(e) = indexed {
-                tracing::warn!(error = %e, "presence index not updated; the next refresh retries");
-            }
+            remember(&inner, &app, &channel, socket_id, member).await;
             Ok(joined)
         })
     }
@@ -247,6 +286,33 @@ impl PresenceStore for RedisPresence {
                 .filter_map(|(user_id, json)| parse_member(user_id, &json))
                 .collect())
         })
+    }
+}
+
+/// Keeps a joined connection in this node's mirror (for refreshes and
+/// restores) and in the index the coordinator sweeps.
+async fn remember(
+    inner: &Inner,
+    app: &str,
+    channel: &str,
+    socket_id: String,
+    member: PresenceMember,
+) {
+    inner
+        .mirror
+        .lock()
+        .entry((app.to_owned(), channel.to_owned()))
+        .or_default()
+        .insert(socket_id, member);
+    // A different slot than the channel's keys, so not in the script. If it
+    // fails the next refresh adds it again.
+    let indexed: Result<(), Error> = inner
+        .redis
+        .client
+        .sadd(inner.keys.presence_index(), index_member(app, channel))
+        .await;
+    if let Err(e) = indexed {
+        tracing::warn!(error = %e, "presence index not updated; the next refresh retries");
     }
 }
 

@@ -310,6 +310,13 @@ impl Encode {
         Self::event("pusher:cache_miss", Some(channel), "{}")
     }
 
+    /// `pusher_internal:watchlist_events` for one change, `name` being
+    /// "online" or "offline".
+    pub fn watchlist_event(name: &str, user_ids: &[String]) -> Utf8Bytes {
+        let data = serde_json::json!({ "events": [{ "name": name, "user_ids": user_ids }] });
+        Self::event("pusher_internal:watchlist_events", None, &data.to_string())
+    }
+
     pub fn signin_success(user_data: &str) -> Utf8Bytes {
         let mut json = Vec::new();
         push_str(&mut json, user_data);

@@ -45,10 +45,13 @@ pub enum Action {
         user_id: Option<String>,
     },
     /// The connection now belongs to this user (`pusher:signin`); a second
-    /// signin replaces the `previous` user.
+    /// signin replaces the `previous` user and their watchlist. The
+    /// connection hears when the users on its `watchlist` come and go.
     SignedIn {
         user_id: String,
         previous: Option<String>,
+        watchlist: Vec<String>,
+        previous_watchlist: Vec<String>,
     },
 }
 
@@ -95,6 +98,7 @@ pub struct Session {
     app: Arc<AppConfig>,
     channels: HashMap<ChannelName, Joined>,
     user_id: Option<String>,
+    watchlist: Vec<String>,
     rate: RateLimit,
     rate_limited: u64,
 }
@@ -117,6 +121,7 @@ impl Session {
             app,
             channels: HashMap::new(),
             user_id: None,
+            watchlist: Vec::new(),
             rate,
             rate_limited: 0,
         }
@@ -129,6 +134,11 @@ impl Session {
 
     pub fn user_id(&self) -> Option<&str> {
         self.user_id.as_deref()
+    }
+
+    /// The users this connection watches (from its signin's `watchlist`).
+    pub fn watchlist(&self) -> &[String] {
+        &self.watchlist
     }
 
     /// Channels joined (or being joined), for cleanup when the socket closes.
@@ -305,17 +315,33 @@ impl Session {
         let Some((user_id, _)) = value.get("id").and_then(user_id_of) else {
             return error(code::UNAUTHORIZED, "user_data needs an id");
         };
-        if value
-            .get("watchlist")
-            .and_then(|w| w.as_array())
-            .is_some_and(|w| w.len() > MAX_WATCHLIST)
-        {
-            return error(code::WATCHLIST_LIMIT, "Watchlist is longer than 100 users");
-        }
+        let watchlist: Vec<String> = match value.get("watchlist") {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::Array(ids)) => {
+                if ids.len() > MAX_WATCHLIST {
+                    return error(code::WATCHLIST_LIMIT, "Watchlist is longer than 100 users");
+                }
+                let mut ids: Vec<String> = ids
+                    .iter()
+                    .filter_map(user_id_of)
+                    .map(|(id, _)| id)
+                    .collect();
+                ids.sort();
+                ids.dedup();
+                ids
+            }
+            Some(_) => return error(code::UNAUTHORIZED, "watchlist must be a list of user ids"),
+        };
         let previous = self.user_id.replace(user_id.clone());
+        let previous_watchlist = std::mem::replace(&mut self.watchlist, watchlist.clone());
         vec![
             Action::Send(Encode::signin_success(user_data)),
-            Action::SignedIn { user_id, previous },
+            Action::SignedIn {
+                user_id,
+                previous,
+                watchlist,
+                previous_watchlist,
+            },
         ]
     }
 
@@ -540,7 +566,7 @@ mod tests {
         let actions = s.on_text(&signin, Instant::now());
         assert_eq!(sent(&actions)[0]["event"], "pusher:signin_success");
         assert!(
-            matches!(&actions[1], Action::SignedIn { user_id, previous: None } if user_id == "7")
+            matches!(&actions[1], Action::SignedIn { user_id, previous: None, .. } if user_id == "7")
         );
         let ok = s.on_text(
             &subscribe_frame("#server-to-user-7", None, None),
@@ -552,6 +578,18 @@ mod tests {
             Instant::now(),
         ));
         assert_eq!(frames[0]["event"], "pusher:subscription_error");
+    }
+
+    #[test]
+    fn signin_carries_the_watchlist_as_strings() {
+        let mut s = session();
+        let user_data = r#"{"id":"1","watchlist":[2,"3",2]}"#;
+        let signin = serde_json::json!({"event":"pusher:signin","data":{"auth":sign(&format!("1.2::user::{user_data}")),"user_data":user_data}}).to_string();
+        let actions = s.on_text(&signin, Instant::now());
+        assert!(
+            matches!(&actions[1], Action::SignedIn { watchlist, .. } if watchlist == &["2", "3"])
+        );
+        assert_eq!(s.watchlist(), ["2", "3"]);
     }
 
     #[test]
