@@ -8,6 +8,7 @@
 pub mod bus;
 pub mod envelope;
 pub mod keys;
+pub mod logging;
 pub mod presence;
 
 pub use bus::{is_cache_channel, Bus, BusError, CacheTtl, Delivery, LocalBus};

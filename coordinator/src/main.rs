@@ -9,10 +9,11 @@ use std::time::Duration;
 use anyhow::Context;
 use belfry_coordinator::daemon::{self, Coordinator, CoordinatorOptions};
 use belfry_coordinator::keys::Keys;
+use belfry_coordinator::logging::LogFormat;
 use belfry_coordinator::publisher::Publisher;
 use belfry_coordinator::redis::Redis;
 use belfry_coordinator::Envelope;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use fred::interfaces::ClientLike;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -102,12 +103,6 @@ struct PublishArgs {
     cache_ttl_secs: u64,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Pretty,
-    Json,
-}
-
 fn main() {
     let cli = Cli::parse();
     let result = tokio::runtime::Builder::new_multi_thread()
@@ -130,7 +125,7 @@ fn main() {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
+    belfry_coordinator::logging::init(args.log_format);
     let prometheus = install_recorder();
     let url = args
         .redis_url
@@ -232,18 +227,6 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let _ = redis.client.quit().await;
     let _ = redis.subscriber.quit().await;
     Ok(())
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
-    };
 }
 
 fn install_recorder() -> Option<metrics_exporter_prometheus::PrometheusHandle> {

@@ -55,12 +55,7 @@ pub struct Cli {
     pub log_format: LogFormat,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    #[default]
-    Pretty,
-    Json,
-}
+pub use belfry_coordinator::logging::LogFormat;
 
 /// Who may send client events (`client-*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]

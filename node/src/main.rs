@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 
 fn main() {
     let cli = Cli::parse();
-    telemetry::init_logging(cli.log_format);
+    belfry_coordinator::logging::init(cli.log_format);
     let config = match Config::load(&cli, &|name| std::env::var(name).ok()) {
         Ok(c) => c,
         Err(e) => {

@@ -1,24 +1,10 @@
-//! Logs and metrics. Every metric is named `belfry_*` and labelled only with
+//! Metrics (logging is set up by `belfry_coordinator::logging`). Every metric is named `belfry_*` and labelled only with
 //! bounded values (app id, reason, route, status): never a channel name or a
 //! socket id. Per-app handles are registered once, so the hot paths only
 //! touch atomics. `docs/operations.md` lists every metric.
 
 use metrics::{counter, gauge, histogram, Counter, Gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-
-use crate::config::LogFormat;
-
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
-    };
-}
 
 /// Installs the Prometheus recorder; must run before any handle is made.
 pub fn install_recorder() -> Option<PrometheusHandle> {

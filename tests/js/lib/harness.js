@@ -1124,7 +1124,23 @@ function tail(proc, lines = 30) {
   return text.split('\n').slice(-lines).join('\n');
 }
 
+/**
+ * pusher-js client signed in as `id` with a watchlist; `events` records its
+ * watchlist events as {name, ids}.
+ */
+async function watchlistClient(node, id, watchlist = []) {
+  const client = pusherClient(node, node.app, { userData: { id, watchlist } });
+  const events = [];
+  client.user.watchlist.bind('online', (e) => events.push({ name: 'online', ids: e.user_ids }));
+  client.user.watchlist.bind('offline', (e) => events.push({ name: 'offline', ids: e.user_ids }));
+  await connected(client);
+  client.signin();
+  await eventually(() => client.user.user_data && client.user.user_data.id === id, { message: `signin of ${id}` });
+  return { client, events };
+}
+
 module.exports = {
+  watchlistClient,
   useNode,
   saveLog,
   NODE_BIN,
