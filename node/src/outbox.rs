@@ -90,7 +90,9 @@ impl Outbox {
         if state.close.is_some() || state.finished {
             return Queued::Dropped;
         }
-        if state.frames >= self.max_frames {
+        // Only frames held back by a full socket count: a fan-out round may
+        // queue many frames to a healthy client before its one write.
+        if state.blocked && state.frames >= self.max_frames {
             state.pending.clear();
             state.close = Some(CloseRequest {
                 code: code::OVER_CAPACITY,
