@@ -4,9 +4,11 @@
 //! and reports deliveries/s, loss, duplicates, latency percentiles and what
 //! the server and the generator spent in memory and CPU.
 //!
-//! This file is the command line only; `scenario/` holds the workloads.
+//! This file is the command line only; `scenario/` holds the workloads and
+//! `micro` the in-process micro-benchmarks of the node's hot paths.
 
 mod fleet;
+mod micro;
 mod procfs;
 mod publish;
 mod pusher;
@@ -126,14 +128,31 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Micro-benchmarks of the node's hot paths, in-process: ns per operation.
+    Micro {
+        /// A very short variant (well under 3 s) that only checks the code runs.
+        #[arg(long)]
+        quick: bool,
+        /// Measured runs per benchmark (default 7, or 3 with --quick).
+        #[arg(long)]
+        runs: Option<usize>,
+        /// Subscriber counts for the fan-out benchmarks (default 1000,10000).
+        #[arg(long, value_delimiter = ',')]
+        recipients: Option<Vec<usize>>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a free TCP port on 127.0.0.1 (for scripts).
     #[command(hide = true)]
     FreePort,
-    /// Wait until GET {url}/up answers 200 (for scripts).
+    /// Wait until GET {url}{path} answers 200 (for scripts).
     #[command(hide = true)]
     WaitReady {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         http: String,
+        /// `/readyz` also waits for a cluster node's Redis.
+        #[arg(long, default_value = "/up")]
+        path: String,
         #[arg(long, default_value_t = 20.0)]
         timeout: f64,
     },
@@ -205,8 +224,12 @@ async fn run(command: Command) -> anyhow::Result<i32> {
             duration,
             common,
         } => {
-            if common.ws.len() < 2 || common.http.is_none() {
-                eprintln!("cluster: expected several --ws URLs and an --http URL of another node");
+            let via_redis = common.publish == scenario::PublishVia::Redis;
+            if common.ws.len() < 2 || (common.http.is_none() && !via_redis) {
+                eprintln!(
+                    "cluster: expected several --ws URLs, and an --http URL of another node \
+                     or --publish redis"
+                );
             }
             let plan = BroadcastPlan {
                 clients,
@@ -257,20 +280,38 @@ async fn run(command: Command) -> anyhow::Result<i32> {
             };
             (scenario::presence::run(&common, plan).await?, common)
         }
+        Command::Micro {
+            quick,
+            runs,
+            recipients,
+            json,
+        } => {
+            let report = micro::run(micro::MicroPlan::new(quick, runs, recipients)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            return Ok(0);
+        }
         Command::FreePort => {
             let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
             println!("{}", listener.local_addr()?.port());
             return Ok(0);
         }
-        Command::WaitReady { http, timeout } => {
-            return wait_ready(&http, Duration::from_secs_f64(timeout)).await;
+        Command::WaitReady {
+            http,
+            path,
+            timeout,
+        } => {
+            return wait_ready(&http, &path, Duration::from_secs_f64(timeout)).await;
         }
     };
     scenario::emit(&report, &common)
 }
 
-/// Polls `GET /up` every 100 ms; 0 once it answers 200, 1 on timeout.
-async fn wait_ready(url: &str, timeout: Duration) -> anyhow::Result<i32> {
+/// Polls `GET {path}` every 100 ms; 0 once it answers 200, 1 on timeout.
+async fn wait_ready(url: &str, path: &str, timeout: Duration) -> anyhow::Result<i32> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let endpoint = ws::Endpoint::parse(url)?;
     let end = Instant::now() + timeout;
@@ -278,7 +319,7 @@ async fn wait_ready(url: &str, timeout: Duration) -> anyhow::Result<i32> {
         let attempt = async {
             let mut s = ws::tcp_connect(endpoint.addr, None).await?;
             let req = format!(
-                "GET {}/up HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                "GET {}{path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
                 endpoint.prefix, endpoint.host_header
             );
             s.write_all(req.as_bytes()).await?;
@@ -291,6 +332,6 @@ async fn wait_ready(url: &str, timeout: Duration) -> anyhow::Result<i32> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    eprintln!("{url}/up did not answer 200 within {timeout:?}");
+    eprintln!("{url}{path} did not answer 200 within {timeout:?}");
     Ok(1)
 }

@@ -1,12 +1,14 @@
 //! Getting benchmark events into the server at a steady rate.
 //!
-//! `Publisher` is the way in. Today that is the signed HTTP API
+//! `Publisher` is the way in: either the signed HTTP API
 //! (`POST /apps/{id}/events`) over a few keep-alive connections with a
-//! hand-written HTTP/1.1 client; a Redis publisher writing the cluster bus
-//! envelope straight into Redis is meant to become a second variant of the
-//! same enum once the envelope format is settled (see coordinator/). Each
-//! variant has "lanes": independent connections that carry one request at a
-//! time, so a slow answer does not stall the schedule.
+//! hand-written HTTP/1.1 client, or the cluster bus itself, writing envelopes
+//! straight into Redis with `belfry_coordinator::Publisher` (what a backend
+//! service publishing without a node in between does; see
+//! `docs/wire-format.md`). Each variant has "lanes": independent requests in
+//! flight, one at a time per lane, so a slow answer does not stall the
+//! schedule. HTTP lanes are connections; Redis lanes share one multiplexed
+//! client and only bound how many publishes wait for their reply.
 //!
 //! `run_paced` is the schedule: event k is due at `start + k / rate` and
 //! carries that *scheduled* time as `t`, so time an event spends waiting for
@@ -34,25 +36,70 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Where events go in.
 pub enum Publisher {
     Http(HttpApi),
+    Redis(RedisBus),
 }
 
 /// One connection of a publisher, used by one request at a time.
 pub enum Lane {
     Http(Option<HttpConn>),
+    /// Redis lanes share the client; a lane is only a slot for one publish.
+    Redis,
 }
 
 impl Publisher {
     pub fn new_lane(&self) -> Lane {
         match self {
             Publisher::Http(_) => Lane::Http(None),
+            Publisher::Redis(_) => Lane::Redis,
         }
     }
 
-    /// Publishes one benchmark event; `Err` carries a short reason.
-    pub async fn send(&self, lane: &mut Lane, body: &[u8]) -> Result<(), String> {
+    /// Publishes one benchmark event (`data` is the event's data string,
+    /// as clients receive it); `Err` carries a short reason.
+    pub async fn send(&self, lane: &mut Lane, channel: &str, data: String) -> Result<(), String> {
         match (self, lane) {
-            (Publisher::Http(api), Lane::Http(conn)) => api.trigger(conn, body).await,
+            (Publisher::Http(api), Lane::Http(conn)) => {
+                let body = pusher::event_body(channel, &data);
+                api.trigger(conn, body.as_bytes()).await
+            }
+            (Publisher::Redis(bus), Lane::Redis) => bus.publish(channel, data).await,
+            _ => Err("lane of another publisher".into()),
         }
+    }
+}
+
+/// The cluster bus: envelopes PUBLISHed into Redis, the way
+/// `belfry_coordinator::Publisher` does for any Rust service.
+pub struct RedisBus {
+    publisher: belfry_coordinator::Publisher,
+    app_id: String,
+}
+
+/// How long `RedisBus::connect` waits for Redis to answer.
+const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl RedisBus {
+    /// Connects to `url` (`redis://` or `redis-cluster://`); keys and
+    /// channels under `prefix`, as the nodes' `redis_prefix`.
+    pub async fn connect(url: &str, prefix: &str, app_id: &str) -> anyhow::Result<Self> {
+        let redis = belfry_coordinator::redis::Redis::connect(url)
+            .map_err(|e| anyhow::anyhow!("redis {url}: {e}"))?;
+        anyhow::ensure!(
+            redis.wait_connected(REDIS_CONNECT_TIMEOUT).await,
+            "redis {url}: not connected within {REDIS_CONNECT_TIMEOUT:?}"
+        );
+        let keys = belfry_coordinator::keys::Keys::new(prefix);
+        Ok(RedisBus {
+            publisher: belfry_coordinator::Publisher::new(redis, keys),
+            app_id: app_id.to_owned(),
+        })
+    }
+
+    async fn publish(&self, channel: &str, data: String) -> Result<(), String> {
+        self.publisher
+            .publish(&self.app_id, channel, pusher::BENCH_EVENT, data, None)
+            .await
+            .map_err(|e| format!("redis: {e}"))
     }
 }
 
@@ -359,14 +406,15 @@ impl Pacer {
             let seq = self.next_seq[channel];
             self.next_seq[channel] += 1;
             let t = start_ns + due.duration_since(start).as_nanos() as u64;
-            let body = pusher::event_body(&self.channel_names[channel], seq, t, &self.pad);
+            let data = pusher::event_data(seq, t, &self.pad);
+            let names = self.channel_names.clone();
             let publisher = self.publisher.clone();
             let idle = self.idle.clone();
             let returned = self.returned.clone();
             let stats = stats.clone();
             tokio::task::spawn_local(async move {
                 let sent = Instant::now();
-                let result = publisher.send(&mut lane, body.as_bytes()).await;
+                let result = publisher.send(&mut lane, &names[channel], data).await;
                 {
                     let mut s = stats.borrow_mut();
                     match result {
@@ -495,7 +543,7 @@ mod tests {
         );
         let mut conn = None;
         for seq in 0..3 {
-            let body = pusher::event_body("c", seq, 1, "");
+            let body = pusher::event_body("c", &pusher::event_data(seq, 1, ""));
             api.trigger(&mut conn, body.as_bytes()).await.unwrap();
             assert!(conn.is_some(), "kept alive");
         }

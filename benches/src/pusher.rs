@@ -105,13 +105,18 @@ pub fn unsubscribe_frame(channel: &str) -> String {
 
 pub const PONG_FRAME: &[u8] = br#"{"event":"pusher:pong","data":"{}"}"#;
 
-/// JSON body of one benchmark event for `POST /apps/{id}/events`.
-pub fn event_body(channel: &str, seq: u64, t_nanos: u64, pad: &str) -> String {
-    let data = if pad.is_empty() {
+/// The data string of one benchmark event: `{"seq":N,"t":unix_nanos}`
+/// (plus `"pad"` to reach `--payload-bytes`).
+pub fn event_data(seq: u64, t_nanos: u64, pad: &str) -> String {
+    if pad.is_empty() {
         format!(r#"{{"seq":{seq},"t":{t_nanos}}}"#)
     } else {
         format!(r#"{{"seq":{seq},"t":{t_nanos},"pad":"{pad}"}}"#)
-    };
+    }
+}
+
+/// The HTTP API body publishing `data` (a string) as `BENCH_EVENT` on `channel`.
+pub fn event_body(channel: &str, data: &str) -> String {
     serde_json::json!({ "name": BENCH_EVENT, "channel": channel, "data": data }).to_string()
 }
 
@@ -311,7 +316,7 @@ mod tests {
 
     #[test]
     fn event_body_nests_data_as_string() {
-        let body = event_body("chan", 3, 44, "");
+        let body = event_body("chan", &event_data(3, 44, ""));
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["name"], BENCH_EVENT);
         assert_eq!(v["channel"], "chan");

@@ -105,7 +105,7 @@ pub async fn run(common: &Common, scenario: &str, plan: BroadcastPlan) -> anyhow
     let stats = Rc::new(RefCell::new(PublishStats::new(layout.names.len())));
     *h.progress.publish.borrow_mut() = Some(stats.clone());
     let mut pacer = Pacer::new(
-        common.publisher()?,
+        common.publisher().await?,
         layout.names.clone(),
         common.publish_lanes,
         common.payload_bytes,

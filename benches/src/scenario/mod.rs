@@ -19,7 +19,7 @@ use clap::{Args, ValueEnum};
 
 use crate::fleet::{Fleet, FleetConfig, Role};
 use crate::procfs::{self, ProcSample, ProcUsage};
-use crate::publish::{HttpApi, Publisher};
+use crate::publish::{HttpApi, Publisher, RedisBus};
 use crate::pusher::App;
 use crate::report::{self, ConnectReport, GeneratorReport, ProgressInputs, Report, ServerReport};
 use crate::stats::{Collector, Counters};
@@ -30,6 +30,8 @@ use crate::ws::Endpoint;
 pub enum PublishVia {
     /// The signed HTTP API of the `--http` server.
     Http,
+    /// Envelopes PUBLISHed straight into `--redis-url` (cluster mode nodes).
+    Redis,
 }
 
 /// Options shared by every scenario.
@@ -62,7 +64,13 @@ pub struct Common {
     /// Publishing path.
     #[arg(long, value_enum, default_value_t = PublishVia::Http)]
     pub publish: PublishVia,
-    /// Concurrent publishing connections at most.
+    /// Redis of the cluster, for `--publish redis`.
+    #[arg(long, env = "BELFRY_BENCH_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Key prefix the nodes use in Redis (their `redis_prefix`).
+    #[arg(long, default_value = "belfry")]
+    pub redis_prefix: String,
+    /// Concurrent publishing requests at most.
     #[arg(long, default_value_t = 16)]
     pub publish_lanes: usize,
     /// Size of each event's data string, bytes (at least ~45).
@@ -103,7 +111,7 @@ impl Common {
         })
     }
 
-    pub fn publisher(&self) -> anyhow::Result<Publisher> {
+    pub async fn publisher(&self) -> anyhow::Result<Publisher> {
         match self.publish {
             PublishVia::Http => {
                 let url = self.http.as_deref().unwrap_or(&self.ws[0]);
@@ -111,6 +119,13 @@ impl Common {
                     Endpoint::parse(url)?,
                     self.app(),
                 )))
+            }
+            PublishVia::Redis => {
+                let Some(url) = self.redis_url.as_deref() else {
+                    anyhow::bail!("--publish redis needs --redis-url");
+                };
+                let bus = RedisBus::connect(url, &self.redis_prefix, &self.app_id).await?;
+                Ok(Publisher::Redis(bus))
             }
         }
     }

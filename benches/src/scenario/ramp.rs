@@ -46,7 +46,7 @@ pub async fn run(common: &Common, plan: RampPlan) -> anyhow::Result<Report> {
     let stats = Rc::new(RefCell::new(PublishStats::new(layout.names.len())));
     *h.progress.publish.borrow_mut() = Some(stats.clone());
     let mut pacer = Pacer::new(
-        common.publisher()?,
+        common.publisher().await?,
         layout.names.clone(),
         common.publish_lanes,
         common.payload_bytes,
