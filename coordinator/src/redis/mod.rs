@@ -32,7 +32,10 @@ impl Redis {
     /// starts while Redis is down and reports not-ready until it is back.
     /// `redis://` is one server, `redis-cluster://host:port?node=host:port` a cluster.
     pub fn connect(url: &str) -> Result<Redis, Error> {
-        let config = Config::from_url(url)?;
+        let mut config = Config::from_url(url)?;
+        // Keep retrying a first connection that fails too: a node or the
+        // coordinator started before Redis must connect once Redis is up.
+        config.fail_fast = false;
         let clustered = config.server.is_clustered();
         let mut builder = Builder::from_config(config);
         builder
