@@ -30,6 +30,53 @@ pub struct BroadcastPlan {
     pub duration_secs: f64,
 }
 
+/// Subscribed clients and a pacer publishing to their channels: how `fanout`,
+/// `spread`, `cluster` and `ramp` all begin.
+pub struct Publishing {
+    pub layout: Layout,
+    pub stats: Rc<RefCell<PublishStats>>,
+    pub pacer: Pacer,
+    pub choice: ChannelChoice,
+}
+
+impl Publishing {
+    /// Connects and subscribes `clients` over `channels`; `None` (with the
+    /// problem recorded in the report) when no client subscribed.
+    pub async fn subscribe(
+        h: &mut Harness,
+        common: &Common,
+        clients: usize,
+        channels: usize,
+    ) -> anyhow::Result<Option<Publishing>> {
+        let mut layout = Layout::new(clients, channels, common.private);
+        let roles = std::mem::take(&mut layout.roles);
+        h.report.connect = h
+            .connect(roles, |t| {
+                t.subscribed + t.connect_failed + t.subscribe_failed
+            })
+            .await;
+        if h.report.connect.subscribed == 0 {
+            h.report.problems.push("no client subscribed".into());
+            return Ok(None);
+        }
+        let stats = Rc::new(RefCell::new(PublishStats::new(layout.names.len())));
+        *h.progress.publish.borrow_mut() = Some(stats.clone());
+        let pacer = Pacer::new(
+            common.publisher().await?,
+            layout.names.clone(),
+            common.publish_lanes,
+            common.payload_bytes,
+        );
+        let choice = layout.choice();
+        Ok(Some(Publishing {
+            layout,
+            stats,
+            pacer,
+            choice,
+        }))
+    }
+}
+
 /// Channel names and each client's channel, shared with `ramp`.
 pub struct Layout {
     pub names: Vec<String>,
@@ -90,27 +137,15 @@ impl Layout {
 pub async fn run(common: &Common, scenario: &str, plan: BroadcastPlan) -> anyhow::Result<Report> {
     let params = serde_json::to_value(&plan)?;
     let mut h = Harness::start(common, scenario, params)?;
-    let mut layout = Layout::new(plan.clients, plan.channels, common.private);
-    let roles = std::mem::take(&mut layout.roles);
-    h.report.connect = h
-        .connect(roles, |t| {
-            t.subscribed + t.connect_failed + t.subscribe_failed
-        })
-        .await;
-    if h.report.connect.subscribed == 0 {
-        h.report.problems.push("no client subscribed".into());
+    let Some(Publishing {
+        layout,
+        stats,
+        mut pacer,
+        mut choice,
+    }) = Publishing::subscribe(&mut h, common, plan.clients, plan.channels).await?
+    else {
         return Ok(h.finish());
-    }
-
-    let stats = Rc::new(RefCell::new(PublishStats::new(layout.names.len())));
-    *h.progress.publish.borrow_mut() = Some(stats.clone());
-    let mut pacer = Pacer::new(
-        common.publisher().await?,
-        layout.names.clone(),
-        common.publish_lanes,
-        common.payload_bytes,
-    );
-    let mut choice = layout.choice();
+    };
     h.set_phase(scenario);
     h.open_window();
     let base = h.totals();

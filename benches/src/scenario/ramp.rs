@@ -3,15 +3,12 @@
 //! passes the bound. The result is the highest deliveries/s a step sustained
 //! cleanly, with every step listed.
 
-use std::cell::RefCell;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::publish::{Pacer, PublishStats};
 use crate::report::{PublishReport, RampReport, RampStep, Report};
 use crate::stats::{Latency, Percentiles};
 
-use super::broadcast::Layout;
+use super::broadcast::Publishing;
 use super::{Common, Harness};
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -32,26 +29,15 @@ pub async fn run(common: &Common, plan: RampPlan) -> anyhow::Result<Report> {
     anyhow::ensure!(plan.factor > 1.0, "--factor must be above 1");
     let params = serde_json::to_value(&plan)?;
     let mut h = Harness::start(common, "ramp", params)?;
-    let mut layout = Layout::new(plan.clients, plan.channels, common.private);
-    let roles = std::mem::take(&mut layout.roles);
-    h.report.connect = h
-        .connect(roles, |t| {
-            t.subscribed + t.connect_failed + t.subscribe_failed
-        })
-        .await;
-    if h.report.connect.subscribed == 0 {
-        h.report.problems.push("no client subscribed".into());
+    let Some(Publishing {
+        layout,
+        stats,
+        mut pacer,
+        mut choice,
+    }) = Publishing::subscribe(&mut h, common, plan.clients, plan.channels).await?
+    else {
         return Ok(h.finish());
-    }
-    let stats = Rc::new(RefCell::new(PublishStats::new(layout.names.len())));
-    *h.progress.publish.borrow_mut() = Some(stats.clone());
-    let mut pacer = Pacer::new(
-        common.publisher().await?,
-        layout.names.clone(),
-        common.publish_lanes,
-        common.payload_bytes,
-    );
-    let mut choice = layout.choice();
+    };
     let mut ramp = RampReport {
         p99_bound_ms: plan.p99_ms,
         ..RampReport::default()
