@@ -393,6 +393,11 @@ impl Pacer {
             if due > Instant::now() {
                 tokio::time::sleep_until(due.into()).await;
             }
+            // The send time is when the pacer releases the event: the timer
+            // wakes up to a millisecond late, which is the generator's, not
+            // the server's. Waiting for a free API connection (a slow server)
+            // still counts, since it comes after this stamp.
+            let released = Instant::now().max(due);
             let Some(mut lane) = self.take_lane(hard_end).await else {
                 break;
             };
@@ -405,7 +410,7 @@ impl Pacer {
             let channel = choice.next();
             let seq = self.next_seq[channel];
             self.next_seq[channel] += 1;
-            let t = start_ns + due.duration_since(start).as_nanos() as u64;
+            let t = start_ns + released.duration_since(start).as_nanos() as u64;
             let data = pusher::event_data(seq, t, &self.pad);
             let names = self.channel_names.clone();
             let publisher = self.publisher.clone();
