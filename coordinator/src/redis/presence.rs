@@ -165,6 +165,39 @@ impl Drop for RedisPresence {
     }
 }
 
+impl RedisPresence {
+    /// Runs the join script, then keeps the connection in the mirror and
+    /// the sweep index. `with_members` builds the member list.
+    fn join_and_remember(
+        &self,
+        app: &str,
+        channel: &str,
+        socket_id: &str,
+        member: PresenceMember,
+        max_members: usize,
+        with_members: bool,
+    ) -> BoxFuture<'static, Result<Joined, PresenceError>> {
+        let inner = self.inner.clone();
+        let (app, channel, socket_id) = (app.to_owned(), channel.to_owned(), socket_id.to_owned());
+        Box::pin(async move {
+            let joined = join_script(
+                &inner,
+                &app,
+                &channel,
+                &socket_id,
+                &member,
+                max_members,
+                with_members,
+            )
+            .await
+            .map_err(unavailable)?
+            .ok_or(PresenceError::Full(max_members))?;
+            remember(&inner, &app, &channel, socket_id, member).await;
+            Ok(joined)
+        })
+    }
+}
+
 impl PresenceStore for RedisPresence {
     fn track(
         &self,
@@ -173,26 +206,10 @@ impl PresenceStore for RedisPresence {
         socket_id: &str,
         member: PresenceMember,
     ) -> BoxFuture<'static, Result<bool, PresenceError>> {
-        let inner = self.inner.clone();
-        let (app, channel, socket_id) = (app.to_owned(), channel.to_owned(), socket_id.to_owned());
-        Box::pin(async move {
-            // No member list: on a channel of every online user it would make
-            // each signin O(users).
-            let joined = join_script(
-                &inner,
-                &app,
-                &channel,
-                &socket_id,
-                &member,
-                usize::MAX,
-                false,
-            )
-            .await
-            .map_err(unavailable)?
-            .ok_or(PresenceError::Full(usize::MAX))?;
-            remember(&inner, &app, &channel, socket_id, member).await;
-            Ok(joined.user_added)
-        })
+        // No member list: on a channel of every online user it would make
+        // each signin O(users).
+        let joined = self.join_and_remember(app, channel, socket_id, member, usize::MAX, false);
+        Box::pin(async move { joined.await.map(|j| j.user_added) })
     }
 
     fn present(
@@ -228,24 +245,7 @@ impl PresenceStore for RedisPresence {
         member: PresenceMember,
         max_members: usize,
     ) -> BoxFuture<'static, Result<Joined, PresenceError>> {
-        let inner = self.inner.clone();
-        let (app, channel, socket_id) = (app.to_owned(), channel.to_owned(), socket_id.to_owned());
-        Box::pin(async move {
-            let joined = join_script(
-                &inner,
-                &app,
-                &channel,
-                &socket_id,
-                &member,
-                max_members,
-                true,
-            )
-            .await
-            .map_err(unavailable)?
-            .ok_or(PresenceError::Full(max_members))?;
-            remember(&inner, &app, &channel, socket_id, member).await;
-            Ok(joined)
-        })
+        self.join_and_remember(app, channel, socket_id, member, max_members, true)
     }
 
     fn leave(
