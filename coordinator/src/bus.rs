@@ -13,9 +13,11 @@ use futures_util::future::BoxFuture;
 use crate::envelope::Envelope;
 
 /// Where a bus hands the envelopes that reach this node. The node's channel
-/// registry implements it; it must not block.
+/// registry implements it with bounded queues: when they are full the
+/// returned future waits, so a bus stops reading (and Redis's socket fills)
+/// instead of dropping what it was handed.
 pub trait Delivery: Send + Sync + 'static {
-    fn deliver(&self, envelope: Envelope);
+    fn deliver(&self, envelope: Envelope) -> BoxFuture<'_, ()>;
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -101,7 +103,7 @@ impl Bus for LocalBus {
     fn unsubscribe(&self, _app: &str, _channel: &str) {}
 
     fn publish(&self, envelopes: Vec<Envelope>) -> BoxFuture<'static, Result<(), BusError>> {
-        for envelope in envelopes {
+        for envelope in &envelopes {
             if envelope.kind == crate::EnvelopeKind::Event
                 && is_cache_channel(&envelope.channel)
                 && is_cacheable_event(&envelope.event)
@@ -111,9 +113,16 @@ impl Bus for LocalBus {
                     .lock()
                     .insert(key, (envelope.clone(), std::time::Instant::now()));
             }
-            self.delivery.deliver(envelope);
         }
-        Box::pin(async { Ok(()) })
+        // Publishing waits for room in the fan-out, as a Redis publish waits
+        // for Redis: the publisher is slowed down, nothing is dropped.
+        let delivery = self.delivery.clone();
+        Box::pin(async move {
+            for envelope in envelopes {
+                delivery.deliver(envelope).await;
+            }
+            Ok(())
+        })
     }
 
     fn cached(

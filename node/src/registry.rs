@@ -269,12 +269,16 @@ pub struct Registry {
     by_key: HashMap<String, Arc<AppRegistry>>,
     /// Envelopes on their way to the fan-out tasks, one per core; a channel
     /// always goes to the same task, so its events keep their order.
-    inbound: Vec<tokio::sync::mpsc::UnboundedSender<Envelope>>,
+    inbound: Vec<tokio::sync::mpsc::Sender<Envelope>>,
     hasher: std::collections::hash_map::RandomState,
 }
 
 /// Envelopes handled per fan-out round; each recipient is written once per round.
 const ROUND: usize = 512;
+/// Envelopes waiting per fan-out lane. When a lane is full, `deliver` waits:
+/// the bus stops reading Redis and the HTTP API stops answering, so a burst
+/// slows its publishers down instead of being dropped or growing memory.
+const LANE_CAPACITY: usize = 8192;
 
 impl Registry {
     /// Builds the registry and starts its fan-out task, which runs until
@@ -289,7 +293,7 @@ impl Registry {
         }
         let tasks = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (inbound, receivers): (Vec<_>, Vec<_>) = (0..tasks)
-            .map(|_| tokio::sync::mpsc::unbounded_channel())
+            .map(|_| tokio::sync::mpsc::channel(LANE_CAPACITY))
             .unzip();
         let registry = Arc::new(Self {
             by_id,
@@ -361,15 +365,18 @@ impl Registry {
 }
 
 impl Delivery for Registry {
-    /// Hands the envelope to its channel's fan-out task; never blocks the
-    /// publisher.
-    fn deliver(&self, envelope: Envelope) {
+    /// Hands the envelope to its channel's fan-out task, waiting while that
+    /// task's lane is full.
+    fn deliver(&self, envelope: Envelope) -> futures_util::future::BoxFuture<'_, ()> {
         let lane = if self.inbound.len() == 1 {
             0
         } else {
             self.hasher.hash_one((&envelope.app, &envelope.channel)) as usize % self.inbound.len()
         };
-        let _ = self.inbound[lane].send(envelope);
+        // A send fails only once the fan-out task is gone (shutdown).
+        Box::pin(async move {
+            let _ = self.inbound[lane].send(envelope).await;
+        })
     }
 }
 
@@ -378,7 +385,7 @@ impl Delivery for Registry {
 /// write, which is what lets one core serve millions of deliveries a second.
 async fn fan_out_task(
     registry: std::sync::Weak<Registry>,
-    mut inbound: tokio::sync::mpsc::UnboundedReceiver<Envelope>,
+    mut inbound: tokio::sync::mpsc::Receiver<Envelope>,
 ) {
     let mut batch = Vec::with_capacity(ROUND);
     let mut to_flush = Vec::new();

@@ -263,7 +263,7 @@ async fn intake_task(shared: Arc<Shared>, delivery: Arc<dyn Delivery>, stop: Can
                     continue;
                 };
                 if let Some(envelope) = shared.decode(&message.channel, bytes) {
-                    delivery.deliver(envelope);
+                    delivery.deliver(envelope).await;
                 }
             }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
