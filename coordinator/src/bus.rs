@@ -22,8 +22,12 @@ pub trait Delivery: Send + Sync + 'static {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BusError {
+    /// Not done, and it never will be (a publish was not sent).
     #[error("the bus is unavailable: {0}")]
     Unavailable(String),
+    /// A publish may or may not have been taken; a retry may duplicate it.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
 }
 
 pub trait Bus: Send + Sync + 'static {

@@ -131,6 +131,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .redis_url
         .context("--redis-url (or BELFRY_REDIS_URL) is required: the coordinator works on the cluster's Redis")?;
     let redis = Redis::connect(&url).context("invalid --redis-url")?;
+    redis.start_subscriber();
     if !redis.wait_connected(CONNECT_TIMEOUT).await {
         tracing::warn!("Redis is not reachable yet; retrying in the background");
     }
@@ -160,6 +161,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ));
     }
     tasks.spawn(cancel_on_signal(shutdown.clone()));
+    tasks.spawn(redis.clone().probe_health(shutdown.clone()));
     tracing::info!(
         instance = %coordinator.instance_id(),
         prefix = %args.redis_prefix,

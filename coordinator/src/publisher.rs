@@ -2,18 +2,24 @@
 //! Rust services that want to broadcast, for the coordinator's own
 //! `member_removed` announcements, and for `belfry-coordinator publish`.
 //!
-//! It writes exactly what a node's HTTP API would: one envelope per Pusher
+//! It is the one Redis publish path: a node's HTTP API and client events go
+//! through it too (via the Redis bus). It writes one envelope per Pusher
 //! channel on that channel's pub/sub channel (`SPUBLISH` on a Redis Cluster),
 //! and for cache channels the last event under the channel's cache key first,
 //! in the same pipeline, so a client subscribing right after sees it. It is
 //! not a bus: it never subscribes.
+//!
+//! A publish is sent once. It fails with `NotSent` only when nothing was
+//! handed to Redis (Redis is known to be down or stalled, or refused every
+//! command), and with `Unknown` once something may have been written: a
+//! retry of an `Unknown` publish may deliver it twice.
 
 use std::time::Duration;
 
 use fred::prelude::*;
 use fred::types::Expiration;
 
-use crate::bus::{is_cache_channel, is_cacheable_event};
+use crate::bus::{is_cache_channel, is_cacheable_event, CacheTtl};
 use crate::envelope::{Envelope, EnvelopeKind};
 use crate::keys::Keys;
 use crate::redis::Redis;
@@ -27,8 +33,12 @@ const PIPELINE_LIMIT: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("Redis did not take the publish: {0}")]
-    Unavailable(#[from] Error),
+    /// Nothing was sent and nothing will be: retrying is safe.
+    #[error("not published: {0}")]
+    NotSent(String),
+    /// It may have been published: retrying may duplicate it.
+    #[error("outcome unknown, the events may have been published: {0}")]
+    Unknown(String),
 }
 
 /// Writes envelopes into Redis. Clone it freely; it shares the Redis client.
@@ -36,7 +46,7 @@ pub enum PublishError {
 pub struct Publisher {
     redis: Redis,
     keys: Keys,
-    cache_ttl: Duration,
+    cache_ttl: CacheTtl,
 }
 
 impl Publisher {
@@ -44,13 +54,22 @@ impl Publisher {
         Self {
             redis,
             keys,
-            cache_ttl: DEFAULT_CACHE_TTL,
+            cache_ttl: CacheTtl {
+                by_app: Default::default(),
+                default: DEFAULT_CACHE_TTL,
+            },
         }
     }
 
     /// How long cache channels keep their last event.
     pub fn with_cache_ttl(mut self, ttl: Duration) -> Self {
-        self.cache_ttl = ttl;
+        self.cache_ttl.default = ttl;
+        self
+    }
+
+    /// How long each app's cache channels keep their last event.
+    pub fn with_cache_ttls(mut self, ttls: CacheTtl) -> Self {
+        self.cache_ttl = ttls;
         self
     }
 
@@ -73,8 +92,13 @@ impl Publisher {
     /// subscribers Redis handed it to (nodes with local subscribers, not
     /// sockets). Resolves only after Redis took all of them.
     pub async fn publish_batch(&self, envelopes: Vec<Envelope>) -> Result<Vec<i64>, PublishError> {
+        if !self.redis.is_healthy() {
+            return Err(PublishError::NotSent(
+                "Redis is unreachable or not answering".into(),
+            ));
+        }
         let mut receivers = Vec::with_capacity(envelopes.len());
-        for batch in envelopes.chunks(PIPELINE_LIMIT) {
+        for (i, batch) in envelopes.chunks(PIPELINE_LIMIT).enumerate() {
             let pipeline = self.redis.client.pipeline();
             // Which pipeline replies are PUBLISH counts (the SETs are not).
             let mut is_publish = Vec::with_capacity(batch.len() * 2);
@@ -84,32 +108,63 @@ impl Publisher {
                     EnvelopeKind::Event => self.keys.events(&envelope.app, &envelope.channel),
                     EnvelopeKind::Terminate => self.keys.control(),
                 };
-                if should_cache(envelope) {
-                    let () = pipeline
-                        .set(
-                            self.keys.cache(&envelope.app, &envelope.channel),
-                            bytes.as_slice(),
-                            Some(Expiration::PX(self.cache_ttl.as_millis().max(1) as i64)),
-                            None,
-                            false,
-                        )
-                        .await?;
-                    is_publish.push(false);
+                // Queueing in a pipeline only buffers locally.
+                let queued: Result<(), Error> = async {
+                    if should_cache(envelope) {
+                        let ttl = self.cache_ttl.for_app(&envelope.app).as_millis().max(1);
+                        let () = pipeline
+                            .set(
+                                self.keys.cache(&envelope.app, &envelope.channel),
+                                bytes.as_slice(),
+                                Some(Expiration::PX(ttl as i64)),
+                                None,
+                                false,
+                            )
+                            .await?;
+                        is_publish.push(false);
+                    }
+                    if self.redis.clustered {
+                        pipeline.spublish(target, bytes).await
+                    } else {
+                        pipeline.publish(target, bytes).await
+                    }
                 }
-                if self.redis.clustered {
-                    let () = pipeline.spublish(target, bytes).await?;
-                } else {
-                    let () = pipeline.publish(target, bytes).await?;
-                }
+                .await;
+                queued.map_err(|e| PublishError::NotSent(format!("cannot queue: {e}")))?;
                 is_publish.push(true);
             }
-            let replies: Vec<Value> = pipeline.all().await?;
+            let replies = pipeline.try_all::<Value>().await;
+            let refused = replies.iter().filter(|r| r.is_err()).count();
+            if refused > 0 {
+                let first = replies
+                    .iter()
+                    .find_map(|r| r.as_ref().err())
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                // Redis answering with an error for every command of the
+                // first pipeline means none was taken; anything else may
+                // have published part of the batch.
+                let all_refused = i == 0
+                    && refused == replies.len()
+                    && replies.iter().all(|r| {
+                        r.as_ref().err().is_some_and(|e| {
+                            *e.kind() != ErrorKind::IO
+                                && *e.kind() != ErrorKind::Timeout
+                                && *e.kind() != ErrorKind::Canceled
+                        })
+                    });
+                return Err(if all_refused {
+                    PublishError::NotSent(format!("Redis refused the publish: {first}"))
+                } else {
+                    PublishError::Unknown(first)
+                });
+            }
             receivers.extend(
                 replies
                     .into_iter()
                     .zip(is_publish)
                     .filter(|(_, publish)| *publish)
-                    .map(|(reply, _)| reply.as_i64().unwrap_or(0)),
+                    .map(|(reply, _)| reply.ok().and_then(|v| v.as_i64()).unwrap_or(0)),
             );
         }
         Ok(receivers)

@@ -94,7 +94,7 @@ fn respond(
             StatusCode::OK,
             format!(r#"{{"status":"ok","role":"{role}"}}"#),
         ),
-        "/readyz" if redis.is_connected() => json(
+        "/readyz" if redis.is_healthy() => json(
             StatusCode::OK,
             format!(r#"{{"status":"ready","role":"{role}"}}"#),
         ),

@@ -3,28 +3,47 @@
 //!
 //! Clients reconnect by themselves with backoff; a command sent while Redis
 //! is away fails within the command timeout instead of queueing forever, so
-//! the HTTP API can answer 503 quickly.
+//! the HTTP API can answer 503 quickly. A command is sent once: fred would
+//! otherwise send it again after a reconnect, and a publish Redis had
+//! already taken would reach clients twice.
+//!
+//! A connection can be up while Redis does not answer (a stalled or paused
+//! server): `probe_health` PINGs with a deadline and readiness follows it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
-use fred::types::config::{ConnectionConfig, PerformanceConfig, ReconnectPolicy};
+use fred::types::config::{ConnectionConfig, PerformanceConfig, ReconnectPolicy, ServerConfig};
 
 pub mod bus;
 pub mod occupancy;
 pub mod presence;
+pub mod resp;
+pub mod subscriber;
 
 /// How long one Redis command may take before it is reported as failed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the health probe PINGs, and how long a PING may take.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+const PROBE_DEADLINE: Duration = Duration::from_millis(1000);
 
-/// A command client and a subscriber client to one Redis deployment.
+/// A command client to one Redis deployment, and what the bus needs to open
+/// pub/sub connections of its own.
 #[derive(Clone)]
 pub struct Redis {
     pub client: Client,
+    /// A fred subscriber, connected only by those that call
+    /// `start_subscriber` (the coordinator's leader wake-ups, which may be
+    /// lossy). The node's bus reads pub/sub on its own connections.
     pub subscriber: SubscriberClient,
     /// Redis Cluster: sharded pub/sub (SSUBSCRIBE/SPUBLISH) instead of SUBSCRIBE/PUBLISH.
     pub clustered: bool,
+    config: Arc<Config>,
+    /// Last health probe answered in time.
+    healthy: Arc<AtomicBool>,
 }
 
 impl Redis {
@@ -37,6 +56,7 @@ impl Redis {
         // coordinator started before Redis must connect once Redis is up.
         config.fail_fast = false;
         let clustered = config.server.is_clustered();
+        let shared_config = Arc::new(config.clone());
         let mut builder = Builder::from_config(config);
         builder
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
@@ -47,34 +67,99 @@ impl Redis {
             .set_connection_config(ConnectionConfig {
                 connection_timeout: Duration::from_secs(2),
                 internal_command_timeout: COMMAND_TIMEOUT,
-                max_command_attempts: 2,
+                max_command_attempts: 1,
                 ..ConnectionConfig::default()
             });
         let client = builder.build()?;
         let subscriber = builder.build_subscriber_client()?;
         client.connect();
-        subscriber.connect();
-        // Re-issues every tracked (S)SUBSCRIBE after a reconnect.
-        subscriber.manage_subscriptions();
         Ok(Redis {
             client,
             subscriber,
             clustered,
+            config: shared_config,
+            healthy: Arc::new(AtomicBool::new(false)),
         })
     }
 
-    /// Waits up to `timeout` for both clients to connect.
+    /// Connects the fred subscriber (lossy under bursts: only for wake-ups).
+    pub fn start_subscriber(&self) {
+        self.subscriber.connect();
+        // Re-issues every tracked (S)SUBSCRIBE after a reconnect.
+        self.subscriber.manage_subscriptions();
+    }
+
+    /// Waits up to `timeout` for the command client to connect.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        tokio::time::timeout(timeout, async {
-            let _ = self.client.wait_for_connect().await;
-            let _ = self.subscriber.wait_for_connect().await;
-        })
-        .await
-        .is_ok()
-            && self.is_connected()
+        let connected = tokio::time::timeout(timeout, self.client.wait_for_connect())
+            .await
+            .is_ok()
+            && self.is_connected();
+        if connected {
+            self.healthy.store(true, Ordering::Relaxed);
+        }
+        connected
     }
 
     pub fn is_connected(&self) -> bool {
-        self.client.is_connected() && self.subscriber.is_connected()
+        self.client.is_connected()
+    }
+
+    /// Connected, and the last PING was answered within its deadline.
+    pub fn is_healthy(&self) -> bool {
+        self.client.is_connected() && self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// PINGs Redis every 500 ms with a 1 s deadline and records whether it
+    /// answered, until `stop`. Readiness and publishing follow the result:
+    /// while Redis is stalled a publish is refused before it is sent.
+    pub async fn probe_health(self, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(PROBE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let answered = matches!(
+                tokio::time::timeout(PROBE_DEADLINE, self.client.ping::<()>(None)).await,
+                Ok(Ok(()))
+            );
+            let was = self.healthy.swap(answered, Ordering::Relaxed);
+            if was && !answered {
+                tracing::error!("Redis did not answer a PING within {PROBE_DEADLINE:?}; not ready, publishes are refused");
+            } else if !was && answered {
+                tracing::info!("Redis answers again");
+            }
+        }
+    }
+
+    /// Where the bus opens its pub/sub connection on a single server.
+    pub fn endpoints(&self) -> Vec<subscriber::Endpoint> {
+        match &self.config.server {
+            ServerConfig::Centralized { server } => {
+                vec![self.endpoint_for(&server.host, server.port)]
+            }
+            ServerConfig::Clustered { hosts, .. } => hosts
+                .iter()
+                .map(|h| self.endpoint_for(&h.host, h.port))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// A server of this deployment, with the URL's credentials.
+    pub fn endpoint_for(&self, host: &str, port: u16) -> subscriber::Endpoint {
+        subscriber::Endpoint {
+            host: host.to_owned(),
+            port,
+            username: self.config.username.clone(),
+            password: self.config.password.clone(),
+            database: if self.clustered {
+                None
+            } else {
+                self.config.database
+            },
+        }
     }
 }

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use belfry_coordinator::Envelope;
+use belfry_coordinator::{BusError, Envelope};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -41,6 +41,9 @@ pub enum ApiError {
     TooLarge(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The publish may have been taken: a retry may duplicate it.
+    #[error("{0}")]
+    OutcomeUnknown(String),
 }
 
 impl ApiError {
@@ -52,6 +55,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::OutcomeUnknown(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 }
@@ -340,10 +344,12 @@ fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
 }
 
 async fn publish(node: &Node, envelopes: Vec<Envelope>, started: Instant) -> Result<(), ApiError> {
-    node.bus
-        .publish(envelopes)
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("Event not accepted: {e}")))?;
+    node.bus.publish(envelopes).await.map_err(|e| match e {
+        BusError::Unavailable(_) => ApiError::Unavailable(format!("Event not accepted: {e}")),
+        BusError::Unknown(_) => ApiError::OutcomeUnknown(format!(
+            "Event may or may not have been published ({e}); a retry may deliver it twice"
+        )),
+    })?;
     telemetry::publish_latency(started.elapsed().as_secs_f64());
     Ok(())
 }
