@@ -586,7 +586,13 @@ impl Bus for RedisBus {
 
     fn publish(&self, envelopes: Vec<Envelope>) -> BoxFuture<'static, Result<(), BusError>> {
         let shared = self.shared.clone();
+        // A lost subscriber connection is usually the first sign that Redis
+        // is gone: refuse before anything is handed to the command client.
+        let ready = self.is_ready();
         Box::pin(async move {
+            if !ready {
+                return Err(BusError::Unavailable("Redis is unreachable".into()));
+            }
             match shared.publisher.publish_batch(envelopes).await {
                 Ok(_) => Ok(()),
                 Err(PublishError::NotSent(e)) => Err(BusError::Unavailable(e)),
