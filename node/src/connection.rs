@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -132,6 +133,7 @@ pub async fn run(node: Arc<Node>, app: Arc<AppRegistry>, stream: TcpStream, earl
         node: node.clone(),
         app: app.clone(),
         handle: handle.clone(),
+        online_held: AtomicBool::new(false),
     };
     node.track(handle.clone());
     handle.send(
@@ -271,6 +273,8 @@ struct Conn {
     node: Arc<Node>,
     app: Arc<AppRegistry>,
     handle: ConnHandle,
+    /// Whether this connection holds the hub's `#online` channel.
+    online_held: AtomicBool,
 }
 
 impl Conn {
@@ -321,9 +325,10 @@ impl Conn {
         }
     }
 
-    /// Subscribes this connection: bus first (so nothing published after
-    /// `subscription_succeeded` can be missed), then presence, then the
-    /// local registry together with the first frames.
+    /// Subscribes this connection: the hub first (it answers once the bus
+    /// confirmed, so nothing published after `subscription_succeeded` can be
+    /// missed), then presence, then the local registry together with the
+    /// first frames. Every failure after the hub gives the hold back.
     async fn join(
         &self,
         channel: &ChannelName,
@@ -340,9 +345,10 @@ impl Conn {
                 503,
             )
         };
+        // Holds the channel from here on; on an error the hub gave it back.
         self.node
-            .bus
-            .subscribe(app_id, name)
+            .hub
+            .join(app_id, name)
             .await
             .map_err(|e| unavailable(e.to_string()))?;
 
@@ -363,7 +369,7 @@ impl Conn {
             let joined = match joined {
                 Ok(j) => j,
                 Err(PresenceError::Full(max)) => {
-                    self.release_bus(name);
+                    self.node.hub.leave(app_id, name);
                     return Err(Encode::subscription_error(
                         name,
                         code::OVER_QUOTA,
@@ -372,7 +378,7 @@ impl Conn {
                     ));
                 }
                 Err(e) => {
-                    self.release_bus(name);
+                    self.node.hub.leave(app_id, name);
                     return Err(unavailable(e.to_string()));
                 }
             };
@@ -397,7 +403,7 @@ impl Conn {
             if let Some(m) = &added {
                 self.rollback_presence(name, m).await;
             }
-            self.release_bus(name);
+            self.node.hub.leave(app_id, name);
             return Err(unavailable(e));
         }
         if channel.is_cache() {
@@ -442,19 +448,11 @@ impl Conn {
         }
     }
 
-    /// Unsubscribes from the bus if no local subscriber is left on `channel`.
-    fn release_bus(&self, channel: &str) {
-        if self.app.occupancy(channel).subscriptions == 0 {
-            self.node.bus.unsubscribe(&self.app.config.id, channel);
-        }
-    }
-
     async fn leave(&self, channel: &ChannelName, presence: bool) {
         let app_id = self.app.config.id.as_str();
         let name = channel.as_str();
-        if self.app.remove_subscriber(name, self.handle.socket_id) {
-            self.node.bus.unsubscribe(app_id, name);
-        }
+        self.app.remove_subscriber(name, self.handle.socket_id);
+        self.node.hub.leave(app_id, name);
         self.node.subscription_removed(app_id, name).await;
         if !presence {
             return;
@@ -481,8 +479,12 @@ impl Conn {
     /// its watched users are online already.
     async fn came_online(&self, user_id: &str, watchlist: Vec<String>) {
         let app_id = self.app.config.id.as_str();
-        if let Err(e) = self.node.bus.subscribe(app_id, ONLINE_CHANNEL).await {
-            tracing::warn!(error = %e, "watchlist events unavailable for now");
+        // One hold per signed-in connection, kept across a second signin.
+        if !self.online_held.load(Ordering::Relaxed) {
+            match self.node.hub.join(app_id, ONLINE_CHANNEL).await {
+                Ok(()) => self.online_held.store(true, Ordering::Relaxed),
+                Err(e) => tracing::warn!(error = %e, "watchlist events unavailable for now"),
+            }
         }
         let member = PresenceMember {
             user_id: user_id.to_owned(),
@@ -558,6 +560,9 @@ impl Conn {
             self.app
                 .remove_watcher(session.watchlist(), self.handle.socket_id);
             self.went_offline().await;
+        }
+        if self.online_held.swap(false, Ordering::Relaxed) {
+            self.node.hub.leave(&self.app.config.id, ONLINE_CHANNEL);
         }
         for (channel, Joined { presence_user }) in session.take_channels() {
             let presence = presence_user.is_some() && channel.kind() == ChannelKind::Presence;

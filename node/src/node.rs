@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::hub::Hub;
 use crate::outbox::ConnHandle;
 use crate::protocol::{code, SocketId};
 use crate::registry::{AppRegistry, Registry};
@@ -26,11 +27,16 @@ pub struct Node {
     pub config: Config,
     pub registry: Arc<Registry>,
     pub bus: Arc<dyn Bus>,
+    /// The one owner of this node's interest in each channel.
+    pub hub: Arc<Hub>,
     pub presence: Arc<dyn PresenceStore>,
     pub shutdown: Shutdown,
     /// Connection tasks, so the drain can wait for them.
     pub tasks: TaskTracker,
     connections: Mutex<HashMap<SocketId, ConnHandle>>,
+    /// The node's own background tasks (the hub's sweep), stopped by `stop`.
+    background: TaskTracker,
+    stop: CancellationToken,
     /// Cluster mode's shared bookkeeping; `None` on a single node.
     cluster: Option<Cluster>,
 }
@@ -39,8 +45,6 @@ pub struct Node {
 struct Cluster {
     occupancy: Arc<RedisOccupancy>,
     presence: Arc<RedisPresence>,
-    /// Stops the Redis bus's and heartbeat's tasks.
-    stop: CancellationToken,
 }
 
 /// Why a WebSocket is refused before it starts: the close code, the message
@@ -62,6 +66,7 @@ impl Node {
             bus,
             Arc::new(MemoryPresence::default()),
             None,
+            CancellationToken::new(),
         )
     }
 
@@ -105,9 +110,15 @@ impl Node {
         let cluster = Cluster {
             occupancy,
             presence: presence.clone(),
-            stop,
         };
-        Ok(Self::new(config, registry, bus, presence, Some(cluster)))
+        Ok(Self::new(
+            config,
+            registry,
+            bus,
+            presence,
+            Some(cluster),
+            stop,
+        ))
     }
 
     fn new(
@@ -116,15 +127,22 @@ impl Node {
         bus: Arc<dyn Bus>,
         presence: Arc<dyn PresenceStore>,
         cluster: Option<Cluster>,
+        stop: CancellationToken,
     ) -> Arc<Node> {
+        let hub = Arc::new(Hub::new(bus.clone()));
+        let background = TaskTracker::new();
+        background.spawn(hub.clone().run(stop.clone()));
         Arc::new(Node {
             config,
             registry,
             bus,
+            hub,
             presence,
             shutdown: Shutdown::default(),
             tasks: TaskTracker::new(),
             connections: Mutex::new(HashMap::new()),
+            background,
+            stop,
             cluster,
         })
     }
@@ -191,8 +209,10 @@ impl Node {
         if let Some(c) = &self.cluster {
             c.occupancy.leave_cluster().await;
             c.presence.stop();
-            c.stop.cancel();
         }
+        self.stop.cancel();
+        self.background.close();
+        self.background.wait().await;
     }
 
     pub fn is_ready(&self) -> bool {
