@@ -9,6 +9,7 @@
 pub mod api;
 pub mod config;
 pub mod connection;
+pub mod edge;
 pub mod node;
 pub mod outbox;
 pub mod protocol;
