@@ -16,7 +16,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
-    HeaderValue, CONNECTION, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE,
+    HeaderValue, CONNECTION, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
+    SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -228,9 +229,25 @@ fn websocket(node: Arc<Node>, edge: &Edge, mut req: Request<Incoming>, key: &str
     if !is_upgrade {
         return bad_request("Expected a WebSocket upgrade");
     }
-    let Some(accept_key) = header(SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes()))
+    // RFC 6455 4.2.1: a GET, version 13, and a key that is 16 bytes in base64.
+    if req.method() != hyper::Method::GET {
+        return bad_request("A WebSocket handshake must be a GET");
+    }
+    if header(SEC_WEBSOCKET_VERSION).map(str::trim) != Some("13") {
+        let mut response = json_response(
+            StatusCode::UPGRADE_REQUIRED,
+            &json!({ "error": "Unsupported WebSocket version; use 13" }),
+        );
+        response
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return response;
+    }
+    let Some(accept_key) = header(SEC_WEBSOCKET_KEY)
+        .filter(|k| is_websocket_key(k))
+        .map(|k| derive_accept_key(k.as_bytes()))
     else {
-        return bad_request("Expected a WebSocket upgrade");
+        return bad_request("Sec-WebSocket-Key must be 16 bytes in base64");
     };
     // Per address, before any upgrade, so a flood costs the node one
     // short HTTP answer per attempt.
@@ -318,6 +335,16 @@ fn websocket(node: Arc<Node>, edge: &Edge, mut req: Request<Incoming>, key: &str
     response
 }
 
+/// 16 bytes in base64: 22 characters of the alphabet and `==`.
+fn is_websocket_key(key: &str) -> bool {
+    let b = key.trim().as_bytes();
+    b.len() == 24
+        && b.ends_with(b"==")
+        && b[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+}
+
 /// Origin and protocol version, before any quota is spent.
 fn check_client(app: &AppRegistry, origin: Option<&str>, query: &str) -> Result<(), Refusal> {
     if let Some(origin) = origin {
@@ -374,6 +401,15 @@ pub fn origin_allowed(allowed: &[String], origin: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn websocket_keys_are_16_bytes_of_base64() {
+        assert!(is_websocket_key("dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!is_websocket_key("dGhlIHNhbXBsZSBub25jZQ"));
+        assert!(!is_websocket_key("not a key"));
+        assert!(!is_websocket_key("dGhlIHNhbXBsZSBub25jZ!=="));
+        assert!(!is_websocket_key("dGhlIHNhbXBsZSBub25jZQ==dGhl"));
+    }
 
     #[test]
     fn origins_match_hosts_and_wildcards() {
