@@ -47,8 +47,11 @@ trap cleanup EXIT
 start_node() {
     local port="$1" log="$2"
     shift 2
+    # The load generator opens every client from 127.0.0.1: lift the
+    # per-address limits, which are meant for real clients.
     env -u BELFRY_CONFIG -u BELFRY_PATH_PREFIX -u BELFRY_REDIS_URL BELFRY_PORT="$port" \
-        BELFRY_HOST=127.0.0.1 BELFRY_METRICS_PORT=0 "$@" "$node_bin" >"$log" 2>&1 &
+        BELFRY_HOST=127.0.0.1 BELFRY_METRICS_PORT=0 BELFRY_MAX_CONNECTIONS_PER_IP=0 \
+        BELFRY_CONNECTIONS_PER_IP_PER_MINUTE=0 "$@" "$node_bin" >"$log" 2>&1 &
     node_pid=$!
     pids+=("$node_pid")
 }

@@ -44,6 +44,27 @@ pub struct Cli {
     /// Refuse new connections (4100) while resident memory is above this many MiB (0 = none).
     #[arg(long, env = "BELFRY_MAX_MEMORY_MB")]
     pub max_memory_mb: Option<u64>,
+    /// WebSockets one client address may hold open at once; over it: 429 (0 = none) [default: 2000].
+    #[arg(long, env = "BELFRY_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// New WebSockets one client address may open a minute, in a burst; over it: 429 (0 = none) [default: 2000].
+    #[arg(long, env = "BELFRY_CONNECTIONS_PER_IP_PER_MINUTE")]
+    pub connections_per_ip_per_minute: Option<u32>,
+    /// Proxies whose X-Forwarded-For / Forwarded is believed: comma-separated CIDRs, e.g. 10.0.0.0/8.
+    #[arg(long, env = "BELFRY_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Seconds a request head may take to arrive (slowloris) [default: 5].
+    #[arg(long, env = "BELFRY_HEADER_TIMEOUT_SECS")]
+    pub header_timeout_secs: Option<u64>,
+    /// Seconds an HTTP API request body may take to arrive; over it: 408 [default: 10].
+    #[arg(long, env = "BELFRY_BODY_TIMEOUT_SECS")]
+    pub body_timeout_secs: Option<u64>,
+    /// File descriptors kept free; over the line new connections get 503 at once (0 = off) [default: 128].
+    #[arg(long, env = "BELFRY_FD_RESERVE")]
+    pub fd_reserve: Option<usize>,
+    /// HTTP API requests per second for every app, overriding the file; over it: 429 (0 = none).
+    #[arg(long, env = "BELFRY_API_REQUESTS_PER_SECOND")]
+    pub api_requests_per_second: Option<u32>,
     /// Seconds from SIGTERM to exit, at most [default: 25].
     #[arg(long, env = "BELFRY_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
@@ -98,6 +119,9 @@ pub struct AppConfig {
     pub max_channels_per_connection: usize,
     /// Client events per connection per second; over it: 4301.
     pub client_event_rate: u32,
+    /// Signed HTTP API requests per second (a burst of one second's worth
+    /// passes); over it: 429 with `Retry-After`. 0 means none.
+    pub api_requests_per_second: u32,
     /// How long a cache channel keeps its last event.
     pub cache_ttl_secs: u64,
     /// Cluster mode: also take Laravel's Redis broadcaster messages, which it
@@ -124,6 +148,7 @@ impl Default for AppConfig {
             max_user_info_bytes: 1_024,
             max_channels_per_connection: 500,
             client_event_rate: 10,
+            api_requests_per_second: 0,
             cache_ttl_secs: 1_800,
             laravel_redis_prefix: None,
         }
@@ -153,6 +178,20 @@ pub struct Config {
     pub max_memory_mb: u64,
     /// Per-connection send queue, in frames; a client that falls this far behind is closed with 4100.
     pub send_queue_frames: usize,
+    /// WebSockets one client address (IPv4, or IPv6 /64) may hold at once; 0 means none. Over it: 429.
+    pub max_connections_per_ip: usize,
+    /// New WebSockets one address may open a minute, all at once if its
+    /// bucket is full; 0 means none. Over it: 429 with `Retry-After`.
+    pub connections_per_ip_per_minute: u32,
+    /// CIDRs of proxies whose `X-Forwarded-For` / `Forwarded` is believed.
+    pub trusted_proxies: Vec<String>,
+    /// Seconds a request head may take to arrive, on a new or kept-alive connection.
+    pub header_timeout_secs: u64,
+    /// Seconds an HTTP API request body may take to arrive; over it: 408.
+    pub body_timeout_secs: u64,
+    /// File descriptors kept free for probes, metrics and Redis; new
+    /// connections over the line are answered 503 and closed. 0 means off.
+    pub fd_reserve: usize,
     /// Seconds between SIGTERM and the process exiting, at most.
     pub shutdown_grace_secs: u64,
     /// Seconds readiness fails before clients are closed, so load balancers stop sending new ones.
@@ -174,6 +213,12 @@ impl Default for Config {
             max_connections: 0,
             max_memory_mb: 0,
             send_queue_frames: 1_024,
+            max_connections_per_ip: 2_000,
+            connections_per_ip_per_minute: 2_000,
+            trusted_proxies: Vec::new(),
+            header_timeout_secs: 5,
+            body_timeout_secs: 10,
+            fd_reserve: 128,
             shutdown_grace_secs: 25,
             drain_delay_secs: 1,
             apps: Vec::new(),
@@ -248,6 +293,28 @@ impl Config {
         if let Some(n) = cli.max_memory_mb {
             config.max_memory_mb = n;
         }
+        if let Some(n) = cli.max_connections_per_ip {
+            config.max_connections_per_ip = n;
+        }
+        if let Some(n) = cli.connections_per_ip_per_minute {
+            config.connections_per_ip_per_minute = n;
+        }
+        if let Some(list) = &cli.trusted_proxies {
+            config.trusted_proxies = list
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+        if let Some(n) = cli.header_timeout_secs {
+            config.header_timeout_secs = n;
+        }
+        if let Some(n) = cli.body_timeout_secs {
+            config.body_timeout_secs = n;
+        }
+        if let Some(n) = cli.fd_reserve {
+            config.fd_reserve = n;
+        }
         if let Some(n) = cli.shutdown_grace_secs {
             config.shutdown_grace_secs = n;
         }
@@ -256,6 +323,12 @@ impl Config {
         }
         config.path_prefix = normalize_prefix(&config.path_prefix);
         config.validate()?;
+        // After validation, which may have added the development app.
+        if let Some(n) = cli.api_requests_per_second {
+            for app in &mut config.apps {
+                app.api_requests_per_second = n;
+            }
+        }
         Ok(config)
     }
 
@@ -338,6 +411,13 @@ impl Config {
         }
         if self.presence_ttl_secs < 3 {
             return invalid("presence_ttl_secs must be at least 3".into());
+        }
+        for cidr in &self.trusted_proxies {
+            crate::edge::address::Cidr::parse(cidr)
+                .map_err(|e| ConfigError::Invalid(format!("trusted_proxies: {e}")))?;
+        }
+        if self.header_timeout_secs == 0 || self.body_timeout_secs == 0 {
+            return invalid("header_timeout_secs and body_timeout_secs must be at least 1".into());
         }
         if self.send_queue_frames == 0 {
             return invalid("send_queue_frames must be at least 1".into());
@@ -434,6 +514,47 @@ mod tests {
                 "docs/configuration.md misses `{field}`"
             );
         }
+    }
+
+    #[test]
+    fn docs_list_every_flag_and_variable() {
+        use clap::CommandFactory;
+        let docs = include_str!("../../docs/configuration.md");
+        for arg in Cli::command().get_arguments() {
+            if let Some(long) = arg.get_long() {
+                assert!(
+                    docs.contains(&format!("| `--{long}")),
+                    "docs/configuration.md misses --{long}"
+                );
+            }
+            if let Some(env) = arg.get_env().and_then(|e| e.to_str()) {
+                assert!(
+                    docs.contains(&format!("`{env}`")),
+                    "docs/configuration.md misses {env}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn edge_limits_load_from_flags_and_bad_proxies_are_refused() {
+        let cli = Cli {
+            trusted_proxies: Some(vec!["10.0.0.0/8".into(), " fd00::/8".into()]),
+            api_requests_per_second: Some(50),
+            max_connections_per_ip: Some(0),
+            ..Cli::default()
+        };
+        let config = Config::load(&cli, &no_env).unwrap();
+        assert_eq!(config.trusted_proxies, ["10.0.0.0/8", "fd00::/8"]);
+        assert_eq!(config.apps[0].api_requests_per_second, 50);
+        assert_eq!(config.max_connections_per_ip, 0);
+        assert_eq!(config.connections_per_ip_per_minute, 2_000);
+        let cli = Cli {
+            trusted_proxies: Some(vec!["ingress.local".into()]),
+            ..Cli::default()
+        };
+        let err = Config::load(&cli, &no_env).unwrap_err().to_string();
+        assert!(err.contains("trusted_proxies"), "{err}");
     }
 
     #[test]

@@ -213,10 +213,13 @@ pub async fn run(node: Arc<Node>, app: Arc<AppRegistry>, stream: TcpStream, earl
                     continue;
                 }
                 match read_into(&stream, &mut decoder, max_message, &mut incoming) {
-                    Read::Data => {
+                    // Only a whole frame counts as activity: a frame
+                    // trickled byte by byte must not keep a socket alive.
+                    Read::Data if !incoming.is_empty() => {
                         idle.as_mut().reset(tokio::time::Instant::now() + activity);
                         pinged = false;
                     }
+                    Read::Data => {}
                     Read::WouldBlock => {}
                     Read::Eof => end = Some(End::Error),
                     Read::Violation(v) => end = Some(violation(v, max_message)),

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod config;
 pub mod connection;
+pub mod edge;
 pub mod hub;
 pub mod node;
 pub mod outbox;

@@ -6,10 +6,24 @@ use std::time::Duration;
 
 use anyhow::Context;
 use belfry_node::config::{Cli, Config};
+use belfry_node::edge::Edge;
 use belfry_node::node::Node;
 use belfry_node::{server, shutdown, telemetry};
 use clap::Parser;
 use tokio::net::TcpListener;
+
+/// jemalloc, because it gives freed memory back: with glibc's malloc a
+/// burst of half-sent requests left RSS at its peak with nothing in use,
+/// and `max_memory_mb` then refused every new client for minutes.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read at its start: a background thread purges
+/// freed pages after about a second, also while the node is idle.
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8; 60] =
+    b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
 fn main() {
     let cli = Cli::parse();
@@ -42,13 +56,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => Node::embedded(config),
     };
     let config = &node.config;
+    let edge = Edge::new(config);
 
     let address = format!("{}:{}", config.host, config.port);
     let listener = TcpListener::bind(&address)
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
     let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(server::serve(node.clone(), listener, server::main_handler));
+    servers.spawn(server::serve(
+        node.clone(),
+        edge.clone(),
+        listener,
+        true,
+        server::main_handler,
+    ));
     if config.metrics_port != 0 {
         let address = format!("{}:{}", config.host, config.metrics_port);
         let metrics = TcpListener::bind(&address)
@@ -56,12 +77,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen for metrics on {address}"))?;
         servers.spawn(server::serve(
             node.clone(),
+            edge.clone(),
             metrics,
+            false,
             server::metrics_handler(prometheus),
         ));
     }
     telemetry::ready(true, false);
     announce(&node);
+    if edge.fds.usable() != usize::MAX {
+        tracing::info!(
+            client_sockets = edge.fds.usable(),
+            reserve = config.fd_reserve,
+            "file descriptors: new connections past the reserve get 503"
+        );
+    }
 
     shutdown::signal().await;
     drain(&node).await;

@@ -1,18 +1,24 @@
 //! The listeners: one port for WebSockets, the HTTP API and Reverb's `/up`;
 //! another for Prometheus `/metrics` and the health probes.
 //!
-//! A WebSocket request is checked (app key, origin, protocol version,
+//! A WebSocket request is first held to the edge's limits (descriptor
+//! reserve at accept, then per-address limits, answered 429 before any
+//! upgrade). Past those it is checked (app key, origin, protocol version,
 //! admission) and always upgraded, so that a refused client is told why with
 //! a `pusher:error` frame and the matching close code, as pusher-js expects.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::header::{
+    HeaderValue, CONNECTION, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
+    SEC_WEBSOCKET_VERSION, UPGRADE,
+};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -23,6 +29,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::api::{self, json_response};
 use crate::connection;
+use crate::edge::fds::{self, FdSlot};
+use crate::edge::Edge;
 use crate::node::{Node, Refusal};
 use crate::protocol::code;
 use crate::registry::AppRegistry;
@@ -30,42 +38,76 @@ use crate::telemetry;
 
 type HttpResponse = Response<Full<Bytes>>;
 
+/// What the listener knows about the connection a request came on.
+#[derive(Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// This socket's share of the descriptor budget; a WebSocket carries it
+    /// on after hyper lets go of the connection.
+    fd: Arc<FdSlot>,
+}
+
 /// Serves HTTP connections from `listener` until the node stops accepting.
-pub async fn serve<F, Fut>(node: Arc<Node>, listener: TcpListener, handler: F)
-where
-    F: Fn(Arc<Node>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+/// With `shed`, connections over the descriptor reserve are answered 503
+/// at once (the metrics port is not shed: the reserve is for it).
+pub async fn serve<F, Fut>(
+    node: Arc<Node>,
+    edge: Arc<Edge>,
+    listener: TcpListener,
+    shed: bool,
+    handler: F,
+) where
+    F: Fn(Arc<Node>, Arc<Edge>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = HttpResponse> + Send + 'static,
 {
     let connections = tokio_util::task::TaskTracker::new();
+    let header_timeout = Duration::from_secs(node.config.header_timeout_secs);
     loop {
         let accepted = tokio::select! {
             _ = node.shutdown.stopped() => break,
             accepted = listener.accept() => accepted,
         };
-        let (stream, _) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                // Out of file descriptors and the like: back off, keep serving.
+                if edge.fds.shed_one(&listener, &e).await {
+                    telemetry::refused("fd_reserve");
+                    continue;
+                }
                 tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        let (fd, over) = edge.fds.take();
+        if over && shed {
+            telemetry::refused("fd_reserve");
+            tracing::debug!(%peer, "over the descriptor reserve: answered 503");
+            fds::shed_now(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let node = node.clone();
+        let edge = edge.clone();
         let handler = handler.clone();
+        let info = ConnInfo {
+            peer,
+            fd: Arc::new(fd),
+        };
         connections.spawn(async move {
             let service_node = node.clone();
-            let service = service_fn(move |req| {
-                let fut = handler(service_node.clone(), req);
+            let service = service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(info.clone());
+                let fut = handler(service_node.clone(), edge.clone(), req);
                 async move { Ok::<_, Infallible>(fut.await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
-                // A client that trickles its request headers is dropped
-                // rather than holding a task and a buffer forever.
+                // A client that trickles its request head (slowloris) is
+                // dropped rather than holding a task and a buffer. The
+                // deadline also bounds an idle kept-alive connection.
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(conn);
@@ -82,7 +124,11 @@ where
 }
 
 /// The main port: WebSockets, the HTTP API and health.
-pub async fn main_handler(node: Arc<Node>, req: Request<Incoming>) -> HttpResponse {
+pub async fn main_handler(
+    node: Arc<Node>,
+    edge: Arc<Edge>,
+    req: Request<Incoming>,
+) -> HttpResponse {
     let path = req.uri().path().to_owned();
     let prefix = node.config.path_prefix.as_str();
     let local = if prefix.is_empty() {
@@ -95,11 +141,11 @@ pub async fn main_handler(node: Arc<Node>, req: Request<Incoming>) -> HttpRespon
         ("/healthz", _) | ("/readyz", _) => health(&node, &path),
         (_, Some(rest)) if rest.starts_with("/app/") => {
             let key = rest["/app/".len()..].to_owned();
-            websocket(node, req, &key)
+            websocket(node, &edge, req, &key)
         }
         (_, Some(rest)) if rest.starts_with("/apps/") => {
             let rest = rest.to_owned();
-            api::handle(node, req, &rest).await
+            api::handle(node, &edge, req, &rest).await
         }
         _ => json_response(
             StatusCode::NOT_FOUND,
@@ -111,12 +157,12 @@ pub async fn main_handler(node: Arc<Node>, req: Request<Incoming>) -> HttpRespon
 /// The metrics port: Prometheus and health.
 pub fn metrics_handler(
     prometheus: Option<PrometheusHandle>,
-) -> impl Fn(Arc<Node>, Request<Incoming>) -> std::future::Ready<HttpResponse>
+) -> impl Fn(Arc<Node>, Arc<Edge>, Request<Incoming>) -> std::future::Ready<HttpResponse>
        + Clone
        + Send
        + Sync
        + 'static {
-    move |node, req| {
+    move |node, _edge, req| {
         let response = match req.uri().path() {
             "/metrics" => {
                 telemetry::ready(node.is_ready(), node.shutdown.is_draining());
@@ -157,13 +203,22 @@ fn health(node: &Node, path: &str) -> HttpResponse {
     }
 }
 
+/// 429 with `Retry-After`, in the API's error shape.
+pub fn too_many_requests(message: &str, retry_after_secs: u64) -> HttpResponse {
+    let mut response = json_response(StatusCode::TOO_MANY_REQUESTS, &json!({ "error": message }));
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    response
+}
+
 fn bad_request(message: &str) -> HttpResponse {
     json_response(StatusCode::BAD_REQUEST, &json!({ "error": message }))
 }
 
 /// Upgrades `/app/{key}` and hands the socket to a connection task, or to a
 /// refusal that tells the client why.
-fn websocket(node: Arc<Node>, mut req: Request<Incoming>, key: &str) -> HttpResponse {
+fn websocket(node: Arc<Node>, edge: &Edge, mut req: Request<Incoming>, key: &str) -> HttpResponse {
     let header = |name| {
         req.headers()
             .get(name)
@@ -171,13 +226,44 @@ fn websocket(node: Arc<Node>, mut req: Request<Incoming>, key: &str) -> HttpResp
     };
     let is_upgrade = header(UPGRADE).is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
         && header(CONNECTION).is_some_and(|c| c.to_ascii_lowercase().contains("upgrade"));
-    let Some(accept_key) = header(SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes()))
-    else {
-        return bad_request("Expected a WebSocket upgrade");
-    };
     if !is_upgrade {
         return bad_request("Expected a WebSocket upgrade");
     }
+    // RFC 6455 4.2.1: a GET, version 13, and a key that is 16 bytes in base64.
+    if req.method() != hyper::Method::GET {
+        return bad_request("A WebSocket handshake must be a GET");
+    }
+    if header(SEC_WEBSOCKET_VERSION).map(str::trim) != Some("13") {
+        let mut response = json_response(
+            StatusCode::UPGRADE_REQUIRED,
+            &json!({ "error": "Unsupported WebSocket version; use 13" }),
+        );
+        response
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return response;
+    }
+    let Some(accept_key) = header(SEC_WEBSOCKET_KEY)
+        .filter(|k| is_websocket_key(k))
+        .map(|k| derive_accept_key(k.as_bytes()))
+    else {
+        return bad_request("Sec-WebSocket-Key must be 16 bytes in base64");
+    };
+    // Per address, before any upgrade, so a flood costs the node one
+    // short HTTP answer per attempt.
+    let info = req.extensions().get::<ConnInfo>().cloned();
+    let peer = info
+        .as_ref()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |i| i.peer.ip());
+    let client_ip = edge.proxies.client_ip(peer, req.headers());
+    let ip_slot = match edge.per_ip.admit(client_ip, Instant::now()) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            telemetry::refused(refusal.reason());
+            tracing::debug!(%client_ip, reason = refusal.reason(), "handshake refused with 429");
+            return too_many_requests(refusal.message(), refusal.retry_after_secs());
+        }
+    };
     let origin = header(hyper::header::ORIGIN).map(str::to_owned);
     let query = req.uri().query().unwrap_or("").to_owned();
 
@@ -204,6 +290,9 @@ fn websocket(node: Arc<Node>, mut req: Request<Incoming>, key: &str) -> HttpResp
     let upgrade = hyper::upgrade::on(&mut req);
     let tasks = node.tasks.clone();
     tasks.spawn(async move {
+        // Held for the socket's life: its place in the address's count and
+        // in the descriptor budget.
+        let _held = (ip_slot, info.map(|i| i.fd));
         let upgraded = match upgrade.await {
             Ok(u) => u,
             Err(e) => {
@@ -244,6 +333,16 @@ fn websocket(node: Arc<Node>, mut req: Request<Incoming>, key: &str) -> HttpResp
         headers.insert(SEC_WEBSOCKET_ACCEPT, v);
     }
     response
+}
+
+/// 16 bytes in base64: 22 characters of the alphabet and `==`.
+fn is_websocket_key(key: &str) -> bool {
+    let b = key.trim().as_bytes();
+    b.len() == 24
+        && b.ends_with(b"==")
+        && b[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
 }
 
 /// Origin and protocol version, before any quota is spent.
@@ -302,6 +401,15 @@ pub fn origin_allowed(allowed: &[String], origin: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn websocket_keys_are_16_bytes_of_base64() {
+        assert!(is_websocket_key("dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!is_websocket_key("dGhlIHNhbXBsZSBub25jZQ"));
+        assert!(!is_websocket_key("not a key"));
+        assert!(!is_websocket_key("dGhlIHNhbXBsZSBub25jZ!=="));
+        assert!(!is_websocket_key("dGhlIHNhbXBsZSBub25jZQ==dGhl"));
+    }
 
     #[test]
     fn origins_match_hosts_and_wildcards() {

@@ -74,6 +74,11 @@ pub fn refused(reason: &'static str) {
     counter!("belfry_connections_refused_total", "reason" => reason).increment(1);
 }
 
+/// A signed API request over the app's `api_requests_per_second`.
+pub fn api_rate_limited(app: &str) {
+    counter!("belfry_rate_limited_total", "app" => app.to_owned(), "kind" => "api").increment(1);
+}
+
 pub fn http_request(route: &'static str, status: u16) {
     counter!("belfry_http_requests_total", "route" => route, "status" => status.to_string())
         .increment(1);

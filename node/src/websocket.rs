@@ -201,6 +201,7 @@ impl Decoder {
                 OP_PING => out.push(Incoming::Ping(payload)),
                 OP_PONG => out.push(Incoming::Pong),
                 OP_CLOSE => {
+                    check_close(&payload)?;
                     out.push(Incoming::Close);
                     return Ok(start);
                 }
@@ -232,6 +233,24 @@ impl Decoder {
             }
         }
         Ok(start - buf.len())
+    }
+}
+
+/// A close frame is empty, or a status code a peer may send (RFC 6455
+/// 7.4: not 1004-1006 or 1015, which are never on the wire, nor anything
+/// outside 1000-4999 that is not registered) with a UTF-8 reason.
+fn check_close(payload: &[u8]) -> Result<(), Violation> {
+    match payload {
+        [] => Ok(()),
+        [_] => Err(Violation::Protocol("close frame with a 1-byte payload")),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
+                return Err(Violation::Protocol("invalid close code"));
+            }
+            std::str::from_utf8(reason).map_err(|_| Violation::NotUtf8)?;
+            Ok(())
+        }
     }
 }
 
@@ -363,6 +382,37 @@ mod tests {
             decode_all(&client_frame(true, OP_BINARY, b"x"), 100).unwrap(),
             vec![Incoming::Binary]
         );
+    }
+
+    #[test]
+    fn invalid_close_frames_are_protocol_errors() {
+        for bad in [
+            &999u16.to_be_bytes()[..],
+            &1005u16.to_be_bytes(),
+            &1006u16.to_be_bytes(),
+            &5000u16.to_be_bytes(),
+            &[3],
+        ] {
+            let err = decode_all(&client_frame(true, OP_CLOSE, bad), 100).unwrap_err();
+            assert_eq!(err.code(), 1002, "{bad:?}");
+        }
+        let mut bad_reason = 1000u16.to_be_bytes().to_vec();
+        bad_reason.extend_from_slice(&[0xff, 0xfe]);
+        assert_eq!(
+            decode_all(&client_frame(true, OP_CLOSE, &bad_reason), 100),
+            Err(Violation::NotUtf8)
+        );
+        for good in [
+            &b""[..],
+            &1000u16.to_be_bytes(),
+            &4999u16.to_be_bytes(),
+            b"\x03\xe9bye",
+        ] {
+            assert_eq!(
+                decode_all(&client_frame(true, OP_CLOSE, good), 100).unwrap(),
+                vec![Incoming::Close]
+            );
+        }
     }
 
     #[test]

@@ -233,6 +233,20 @@ def check_semantics(docs: list[dict], values: dict) -> str:
     assert vol["secret"]["items"][0]["path"] == "belfry.toml"
     env = {e["name"]: e for e in c["env"]}
     assert "secretKeyRef" in env["BELFRY_REDIS_URL"]["valueFrom"], "Redis URL must come from a Secret"
+    # The edge limits reach the node as BELFRY_* variables, whichever way the file is given.
+    edge = merged["config"]["edge"]
+    for var, key in [("BELFRY_MAX_CONNECTIONS_PER_IP", "maxConnectionsPerIp"),
+                     ("BELFRY_CONNECTIONS_PER_IP_PER_MINUTE", "connectionsPerIpPerMinute"),
+                     ("BELFRY_HEADER_TIMEOUT_SECS", "headerTimeoutSecs"),
+                     ("BELFRY_BODY_TIMEOUT_SECS", "bodyTimeoutSecs"),
+                     ("BELFRY_FD_RESERVE", "fdReserve")]:
+        assert env[var]["value"] == str(edge[key]), f"{var}: {env[var]} != {edge[key]}"
+    if edge["trustedProxies"]:
+        assert env["BELFRY_TRUSTED_PROXIES"]["value"] == ",".join(edge["trustedProxies"])
+    else:
+        assert "BELFRY_TRUSTED_PROXIES" not in env
+    assert ("BELFRY_API_REQUESTS_PER_SECOND" in env) == (edge.get("apiRequestsPerSecond") is not None)
+    seen.append(f"edge limits {edge['maxConnectionsPerIp']}/ip, {edge['connectionsPerIpPerMinute']}/ip/min")
     secrets = {d["metadata"]["name"]: d for d in by_kind(docs, "Secret")}
     cfg_secret, cfg_key = vol["secret"]["secretName"], vol["secret"]["items"][0]["key"]
     redis_ref = env["BELFRY_REDIS_URL"]["valueFrom"]["secretKeyRef"]

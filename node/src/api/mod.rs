@@ -2,25 +2,29 @@
 //! call: trigger events (one or a batch), query channels and presence users,
 //! and terminate a user's connections.
 //!
-//! A request is matched to its app, its body read within the app's limit,
-//! its signature checked, and only then acted on. Publishing answers 200 only
+//! A request is matched to its app, its body read within the app's limit
+//! and the body deadline, its signature checked, the app's API rate
+//! applied, and only then acted on. Publishing answers 200 only
 //! after the bus took every envelope, and 503 when it cannot.
 
 pub mod signature;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use belfry_coordinator::{BusError, Envelope};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use crate::edge::rate::retry_after_secs;
+use crate::edge::Edge;
 use crate::node::Node;
 use crate::protocol::frame::data_string;
 use crate::protocol::{ChannelKind, ChannelName, SocketId};
@@ -44,6 +48,10 @@ pub enum ApiError {
     /// The publish may have been taken: a retry may duplicate it.
     #[error("{0}")]
     OutcomeUnknown(String),
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{message}")]
+    TooManyRequests { message: String, retry_after: u64 },
 }
 
 impl ApiError {
@@ -56,6 +64,8 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::OutcomeUnknown(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }
@@ -97,7 +107,12 @@ impl Route {
 }
 
 /// Handles `/apps/{id}/...`; `path` is the request path without the prefix.
-pub async fn handle(node: Arc<Node>, req: Request<Incoming>, path: &str) -> Response<Full<Bytes>> {
+pub async fn handle(
+    node: Arc<Node>,
+    edge: &Edge,
+    req: Request<Incoming>,
+    path: &str,
+) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let route = match segments.as_slice() {
@@ -109,9 +124,13 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>, path: &str) -> Resp
         ["apps", _, "users", _, "terminate_connections"] => Route::Terminate,
         _ => Route::Unknown,
     };
-    let result = dispatch(&node, req, path, &segments, route, started).await;
+    let result = dispatch(&node, edge, req, path, &segments, route, started).await;
     let response = match result {
         Ok(body) => json_response(StatusCode::OK, &body),
+        Err(ApiError::TooManyRequests {
+            message,
+            retry_after,
+        }) => crate::server::too_many_requests(&message, retry_after),
         Err(e) => {
             tracing::debug!(route = route.label(), error = %e, "API request refused");
             json_response(e.status(), &json!({ "error": e.to_string() }))
@@ -123,6 +142,7 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>, path: &str) -> Resp
 
 async fn dispatch(
     node: &Node,
+    edge: &Edge,
     req: Request<Incoming>,
     path: &str,
     segments: &[&str],
@@ -149,12 +169,25 @@ async fn dispatch(
     }
     let method = req.method().as_str().to_owned();
     let params = signature::query_pairs(req.uri().query().unwrap_or(""));
-    let body = read_body(req.into_body(), body_limit(&app)).await?;
+    let deadline = Duration::from_secs(node.config.body_timeout_secs);
+    let body = read_body(req.into_body(), body_limit(&app), deadline).await?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     signature::verify(&app.config, &method, path, &params, &body, now)?;
+    // Counted only once signed: requests anyone can forge with the app id
+    // must not be able to spend the app's own budget.
+    if let Err(wait) = edge.api.take(&app.config.id, Instant::now()) {
+        telemetry::api_rate_limited(&app.config.id);
+        return Err(ApiError::TooManyRequests {
+            message: format!(
+                "Over this app's limit of {} API requests per second",
+                app.config.api_requests_per_second
+            ),
+            retry_after: retry_after_secs(wait),
+        });
+    }
 
     let param = |name: &str| {
         params
@@ -326,16 +359,44 @@ fn body_limit(app: &AppRegistry) -> usize {
         + 16 * 1024
 }
 
-async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge(format!(
+/// Reads a body of at most `limit` bytes within `deadline`. A declared
+/// length over the limit is refused before a byte is read, and each chunk
+/// is copied out as it comes: holding hyper's chunks would pin a read
+/// buffer of kilobytes to every byte of a body trickled one byte at a time.
+async fn read_body(
+    mut body: Incoming,
+    limit: usize,
+    deadline: Duration,
+) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::TooLarge(format!(
             "Request body is larger than this app's limit of {limit} bytes"
-        ))),
-        Err(e) => Err(ApiError::BadRequest(format!(
-            "Could not read the request body: {e}"
-        ))),
+        ))
+    };
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
     }
+    let read = async {
+        let mut buf = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError::BadRequest(format!("Could not read the request body: {e}"))
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(buf.freeze())
+    };
+    tokio::time::timeout(deadline, read).await.map_err(|_| {
+        ApiError::Timeout(format!(
+            "Request body did not arrive within {} s",
+            deadline.as_secs()
+        ))
+    })?
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {

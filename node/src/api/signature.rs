@@ -80,7 +80,9 @@ pub fn verify(
     let Some(timestamp) = get("auth_timestamp").and_then(|t| t.parse::<i64>().ok()) else {
         return unauthorized("auth_timestamp is missing or not a number");
     };
-    if (now_secs - timestamp).abs() > MAX_CLOCK_SKEW_SECS {
+    // abs_diff, not `(now - t).abs()`: that overflows for t near i64::MIN
+    // and, wrapped, would pass the check.
+    if now_secs.abs_diff(timestamp) > MAX_CLOCK_SKEW_SECS as u64 {
         return unauthorized("auth_timestamp is more than 600 seconds from the server's clock");
     }
     let md5 = hex::encode(Md5::digest(body));
@@ -140,6 +142,24 @@ mod tests {
         );
         params.push(("auth_signature".into(), sig));
         params
+    }
+
+    #[test]
+    fn a_timestamp_at_the_ends_of_i64_is_stale_not_an_overflow() {
+        let now = 1_700_000_000i64;
+        for ts in [
+            now.wrapping_sub(1 << 63),
+            i64::MIN,
+            i64::MAX,
+            now - 601,
+            now + 601,
+        ] {
+            let params = signed("GET", "/apps/3/channels", b"", ts);
+            let err = verify(&app(), "GET", "/apps/3/channels", &params, b"", now).unwrap_err();
+            assert!(err.to_string().contains("600 seconds"), "{ts}: {err}");
+        }
+        let params = signed("GET", "/apps/3/channels", b"", now - 599);
+        assert!(verify(&app(), "GET", "/apps/3/channels", &params, b"", now).is_ok());
     }
 
     #[test]

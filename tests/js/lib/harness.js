@@ -167,7 +167,7 @@ function cleanEnv(extra = {}) {
 /**
  * Starts belfry-node with a generated TOML config.
  * options: apps (array of app defs or ids), node (extra top-level settings), redisUrl, args, env,
- *          pathPrefix, metrics (default true), readyTimeout.
+ *          pathPrefix, metrics (default true), readyTimeout, fdLimit (RLIMIT_NOFILE for the node).
  * Returns { port, metricsPort, apps: {id: app}, app (first), url(), wsUrl(), output(), stop(), kill() }.
  */
 async function startNode(options = {}) {
@@ -186,6 +186,11 @@ async function startNode(options = {}) {
     metrics_port: metricsPort,
     path_prefix: pathPrefix,
     shutdown_grace_secs: 2,
+    // The suites put up to ~1,200 connections on one loopback address, far
+    // past what one client address may do in production: lift the per-address
+    // limits unless a test sets them (undefined = the server's defaults).
+    max_connections_per_ip: 0,
+    connections_per_ip_per_minute: 0,
     ...(options.node || {}),
   };
   // The SDK-side encryption key is not server config.
@@ -193,7 +198,11 @@ async function startNode(options = {}) {
   fs.writeFileSync(configFile, toToml(top, serverApps));
 
   const args = ['--config', configFile, ...(options.redisUrl ? ['--redis-url', options.redisUrl] : []), ...(options.args || [])];
-  const child = spawn(NODE_BIN, args, {
+  // fdLimit: run under a lower RLIMIT_NOFILE (prlimit execs the node, so the pid is the node's).
+  const [cmd, cmdArgs] = options.fdLimit
+    ? ['prlimit', [`--nofile=${options.fdLimit}`, '--', NODE_BIN, ...args]]
+    : [NODE_BIN, args];
+  const child = spawn(cmd, cmdArgs, {
     env: cleanEnv({ BELFRY_LOG_FORMAT: 'pretty', ...(options.env || {}) }),
     stdio: ['ignore', 'pipe', 'pipe'],
   });
