@@ -76,6 +76,8 @@ pub struct Coordinator {
 impl Coordinator {
     pub fn new(redis: Redis, keys: Keys, options: CoordinatorOptions) -> Self {
         let publisher = Publisher::new(redis.clone(), keys.clone());
+        // Leader wake-ups come through fred's subscriber.
+        redis.start_subscriber();
         Self {
             redis,
             keys,

@@ -131,7 +131,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .redis_url
         .context("--redis-url (or BELFRY_REDIS_URL) is required: the coordinator works on the cluster's Redis")?;
     let redis = Redis::connect(&url).context("invalid --redis-url")?;
-    redis.start_subscriber();
     if !redis.wait_connected(CONNECT_TIMEOUT).await {
         tracing::warn!("Redis is not reachable yet; retrying in the background");
     }

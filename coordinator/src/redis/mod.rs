@@ -44,6 +44,7 @@ pub struct Redis {
     config: Arc<Config>,
     /// Last health probe answered in time.
     healthy: Arc<AtomicBool>,
+    subscriber_started: Arc<AtomicBool>,
 }
 
 impl Redis {
@@ -79,11 +80,16 @@ impl Redis {
             clustered,
             config: shared_config,
             healthy: Arc::new(AtomicBool::new(false)),
+            subscriber_started: Arc::new(AtomicBool::new(false)),
         })
     }
 
-    /// Connects the fred subscriber (lossy under bursts: only for wake-ups).
+    /// Connects the fred subscriber (lossy under bursts: only for wake-ups),
+    /// once however often it is called.
     pub fn start_subscriber(&self) {
+        if self.subscriber_started.swap(true, Ordering::Relaxed) {
+            return;
+        }
         self.subscriber.connect();
         // Re-issues every tracked (S)SUBSCRIBE after a reconnect.
         self.subscriber.manage_subscriptions();

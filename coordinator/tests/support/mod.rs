@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use belfry_coordinator::redis::Redis;
+use fred::interfaces::ClientLike;
 
 /// A `redis-server` child process on a loopback port.
 pub struct RedisServer {
@@ -71,10 +72,13 @@ impl RedisServer {
     /// A connected client pair, as a node or the coordinator would have.
     pub async fn connect(&self) -> Redis {
         let redis = Redis::connect(&self.url()).expect("valid redis url");
+        redis.start_subscriber();
         assert!(
             redis.wait_connected(Duration::from_secs(5)).await,
             "redis did not connect"
         );
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), redis.subscriber.wait_for_connect()).await;
         redis
     }
 
