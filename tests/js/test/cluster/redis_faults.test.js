@@ -25,7 +25,7 @@ function redisCli(...args) {
 }
 
 async function disconnects(node) {
-  return h.metricValue(await h.getMetrics(node), 'belfry_bus_subscriber_disconnects_total') || 0;
+  return h.metricValue((await h.getMetrics(node)).text, 'belfry_bus_subscriber_disconnects_total');
 }
 
 function received(client, channel) {
@@ -88,6 +88,7 @@ describe('cluster: Redis faults', () => {
     const sub = await h.rawClient(B);
     await sub.subscribe(channel);
     const before = await disconnects(B);
+    assert.equal(before, 0, 'the counter is exposed at 0 before any disconnect');
     assert.equal((await h.sdkResult(h.sdk(A).trigger(channel, 'Seq', { n: 1 }))).status, 200);
     await h.eventually(() => received(sub, channel).length === 1, { message: 'first event' });
     const killed = Number(redisCli('CLIENT', 'KILL', 'TYPE', 'pubsub'));
@@ -115,14 +116,22 @@ describe('cluster: Redis faults', () => {
       try {
         const sdkA = h.sdk(A);
         const data = { pad: 'x'.repeat(4000) };
-        for (let i = 0; i < 40; i++) {
-          assert.equal((await h.sdkResult(sdkA.trigger(channel, 'Pad', data))).status, 200);
-        }
+        // Well past what loopback's autotuned socket buffers absorb (up to ~10 MB): 16 MB.
+        let sent = 0;
+        await Promise.all(Array.from({ length: 8 }, async () => {
+          while (sent < 400) {
+            sent++;
+            const batch = Array.from({ length: 10 }, () => ({ channel, name: 'Pad', data }));
+            assert.equal((await h.sdkResult(sdkA.triggerBatch(batch))).status, 200);
+          }
+        }));
         await h.sleep(300);
       } finally {
         B.child.kill('SIGCONT');
       }
-      await h.eventually(async () => (await disconnects(B)) > before, { timeout: 5000, message: 'B reports the dropped connection' });
+      await h.eventually(async () => (await disconnects(B)) > before, {
+        timeout: 5000, message: `B reports the dropped connection (${redisCli('INFO', 'stats').split('\n').filter((l) => l.includes('output_buffer')).join(' ')} ${redisCli('CONFIG', 'GET', 'client-output-buffer-limit').replace(/\n/g, ' ')})`,
+      });
     } finally {
       const limits = original.split('\n')[1] || 'normal 0 0 0 slave 268435456 67108864 60 pubsub 33554432 8388608 60';
       redisCli('CONFIG', 'SET', 'client-output-buffer-limit', limits);
