@@ -8,6 +8,7 @@
 //! `micro` the in-process micro-benchmarks of the node's hot paths.
 
 mod fleet;
+mod intake;
 mod micro;
 mod procfs;
 mod publish;
@@ -139,6 +140,22 @@ enum Command {
         /// Subscriber counts for the fan-out benchmarks (default 1000,10000).
         #[arg(long, value_delimiter = ',')]
         recipients: Option<Vec<usize>>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The Redis bus's intake alone: envelopes/s read from a real redis-server,
+    /// decoded and handed on (the fan-out only counts).
+    Intake {
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+        #[arg(long, default_value_t = 1_000_000)]
+        count: u64,
+        /// Envelopes per Publisher batch (one pipeline).
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Batches in flight at once.
+        #[arg(long, default_value_t = 4)]
+        lanes: usize,
         #[arg(long)]
         json: bool,
     },
@@ -291,6 +308,24 @@ async fn run(command: Command) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.table());
+            }
+            return Ok(0);
+        }
+        Command::Intake {
+            redis_url,
+            count,
+            batch,
+            lanes,
+            json,
+        } => {
+            let report = intake::run(&redis_url, count, batch.max(1), lanes.max(1)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "intake: {} envelopes in {:.2} s = {:.0} envelopes/s, {:.2} us CPU per envelope (bench process)",
+                    report.envelopes, report.seconds, report.envelopes_per_sec, report.cpu_us_per_envelope
+                );
             }
             return Ok(0);
         }

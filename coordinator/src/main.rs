@@ -87,14 +87,25 @@ struct PublishArgs {
     #[arg(long)]
     app: String,
     /// Pusher channel name, e.g. private-orders.1
-    #[arg(long)]
-    channel: String,
+    #[arg(long, required_unless_present = "stdin")]
+    channel: Option<String>,
     /// Event name.
-    #[arg(long)]
-    event: String,
+    #[arg(long, required_unless_present = "stdin")]
+    event: Option<String>,
     /// Event data exactly as clients should receive it (usually JSON text).
-    #[arg(long)]
-    data: String,
+    #[arg(long, required_unless_present = "stdin")]
+    data: Option<String>,
+    /// Publish many events instead: one JSON object a line on standard input,
+    /// `{"channel":..,"event":..,"data":..,"socket_id":..}` (`data` a string
+    /// or any JSON value), in batches of `--batch`, `--in-flight` at once.
+    #[arg(long, conflicts_with_all = ["channel", "event", "data"])]
+    stdin: bool,
+    /// Events per Redis pipeline with --stdin.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Batches in flight at once with --stdin.
+    #[arg(long, default_value_t = 4)]
+    in_flight: usize,
     /// A socket id to leave out (the publisher's own connection).
     #[arg(long)]
     socket_id: Option<String>,
@@ -205,7 +216,15 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     }
     let publisher = Publisher::new(redis.clone(), Keys::new(&args.redis_prefix))
         .with_cache_ttl(Duration::from_secs(args.cache_ttl_secs));
-    let mut envelope = Envelope::event(&args.app, &args.channel, &args.event, args.data);
+    if args.stdin {
+        let outcome = publish_lines(&publisher, &args).await;
+        let _ = redis.client.quit().await;
+        return outcome;
+    }
+    let (Some(channel), Some(event), Some(data)) = (args.channel, args.event, args.data) else {
+        anyhow::bail!("--channel, --event and --data are required without --stdin");
+    };
+    let mut envelope = Envelope::event(&args.app, &channel, &event, data);
     envelope.socket_id = args.socket_id;
     let receivers = publisher
         .publish_batch(vec![envelope.clone()])
@@ -226,7 +245,72 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         nodes
     );
     let _ = redis.client.quit().await;
-    let _ = redis.subscriber.quit().await;
+    Ok(())
+}
+
+/// One line of `publish --stdin`.
+#[derive(serde::Deserialize)]
+struct Line {
+    channel: String,
+    event: String,
+    #[serde(default)]
+    data: serde_json::Value,
+    #[serde(default)]
+    socket_id: Option<String>,
+}
+
+/// Publishes every line of standard input, batched; fails (after sending
+/// everything else) if any batch was refused or its outcome is unknown.
+async fn publish_lines(publisher: &Publisher, args: &PublishArgs) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut batches = Vec::new();
+    let mut batch = Vec::new();
+    let mut number = 0usize;
+    while let Some(line) = lines.next_line().await? {
+        number += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let line: Line = serde_json::from_str(&line).with_context(|| {
+            format!("line {number} is not an event object; nothing was published")
+        })?;
+        let data = match line.data {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        let mut envelope = Envelope::event(&args.app, &line.channel, &line.event, data);
+        envelope.socket_id = line.socket_id;
+        batch.push(envelope);
+        if batch.len() >= args.batch.max(1) {
+            batches.push(std::mem::take(&mut batch));
+        }
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    let events: usize = batches.iter().map(Vec::len).sum();
+    let results: Vec<_> = futures_util::stream::iter(batches.into_iter().map(|b| {
+        let n = b.len();
+        async move { (n, publisher.publish_batch(b).await) }
+    }))
+    .buffer_unordered(args.in_flight.max(1))
+    .collect()
+    .await;
+    let (mut sent, mut not_sent, mut unknown) = (0, 0, 0);
+    for (n, result) in results {
+        match result {
+            Ok(_) => sent += n,
+            Err(belfry_coordinator::publisher::PublishError::NotSent(_)) => not_sent += n,
+            Err(belfry_coordinator::publisher::PublishError::Unknown(_)) => unknown += n,
+        }
+    }
+    println!("published {sent} of {events} events; {not_sent} not sent, {unknown} outcome unknown");
+    anyhow::ensure!(
+        not_sent == 0 && unknown == 0,
+        "{not_sent} events were not sent and {unknown} may or may not have been"
+    );
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 // the other one. (fred's subscriber dropped 19-29% of such bursts; the bus now reads Redis itself.)
 const { describe, it } = require('node:test');
 const assert = require('node:assert/strict');
+const { spawn } = require('node:child_process');
 const h = require('../../lib/harness');
 
 const ctx = h.useCluster({ nodes: 2, apps: [{ id: 'app1' }] }, 'cluster-burst');
@@ -77,5 +78,26 @@ describe('cluster: bursts lose nothing', () => {
     const { acked } = await burst(B, channel, 200, 20);
     assert.equal(acked.length, 2000);
     await expectAll([onB], channel, acked);
+  });
+
+  it('3,000 envelopes straight into Redis (Publisher batches of 10, 20 in flight): subscribers on A and B get each once', async () => {
+    const [A, B] = ctx.cluster.nodes;
+    const channel = h.uniq('burst-env-');
+    const onA = await h.rawClient(A);
+    const onB = await h.rawClient(B);
+    await Promise.all([onA, onB].map((c) => c.subscribe(channel)));
+    const lines = Array.from({ length: 3000 }, (_, n) => JSON.stringify({ channel, event: 'Burst', data: { n } })).join('\n');
+    const bin = process.env.BELFRY_COORDINATOR_BIN || require('node:path').resolve(__dirname, '../../../../target/release/belfry-coordinator');
+    const child = spawn(bin, ['publish', '--stdin', '--redis-url', ctx.cluster.redisUrl,
+      '--redis-prefix', ctx.cluster.prefix, '--app', 'app1', '--batch', '10', '--in-flight', '20'],
+    { stdio: ['pipe', 'pipe', 'pipe'] });
+    let out = '';
+    child.stdout.on('data', (d) => { out += d; });
+    child.stderr.on('data', (d) => { out += d; });
+    child.stdin.end(lines);
+    const code = await new Promise((resolve) => child.once('exit', resolve));
+    assert.equal(code, 0, `belfry-coordinator publish --stdin: ${out}`);
+    assert.match(out, /published 3000 of 3000 events; 0 not sent, 0 outcome unknown/);
+    await expectAll([onA, onB], channel, Array.from({ length: 3000 }, (_, n) => n));
   });
 });
