@@ -674,6 +674,17 @@ async function sdkResult(promise) {
   }
 }
 
+/** Status of GET /readyz on a node's metrics port, or `error ...` when it does not answer in 1.5 s. */
+async function readyz(node) {
+  try {
+    const res = await fetch(node.metricsUrl('/readyz'), { signal: AbortSignal.timeout(1500) });
+    await res.text();
+    return res.status;
+  } catch (e) {
+    return `error ${e.message}`;
+  }
+}
+
 async function getMetrics(node) {
   const res = await fetch(node.metricsUrl('/metrics'));
   return { status: res.status, text: await res.text() };
@@ -1182,6 +1193,7 @@ module.exports = {
   signedRequest,
   sdkResult,
   getMetrics,
+  readyz,
   metricValue,
   cleanupClients,
   COORDINATOR_BIN,

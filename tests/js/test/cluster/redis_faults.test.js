@@ -10,15 +10,7 @@ const h = require('../../lib/harness');
 
 const ctx = h.useCluster({ nodes: 2, apps: [{ id: 'app1' }] }, 'cluster-redis-faults');
 
-async function readyz(node) {
-  try {
-    const res = await fetch(node.metricsUrl('/readyz'), { signal: AbortSignal.timeout(1500) });
-    await res.text();
-    return res.status;
-  } catch (e) {
-    return `error ${e.message}`;
-  }
-}
+const { readyz } = h;
 
 function redisCli(...args) {
   return execFileSync('redis-cli', ['-h', '127.0.0.1', '-p', String(ctx.cluster.redis.port), ...args]).toString().trim();

@@ -12,15 +12,7 @@ after(async () => {
   if (cluster) { await cluster.stop(); cluster.saveLogs('cluster-redis-restart'); }
 });
 
-async function readyz(node) {
-  try {
-    const res = await fetch(node.metricsUrl('/readyz'), { signal: AbortSignal.timeout(1500) });
-    await res.text();
-    return res.status;
-  } catch (e) {
-    return `error ${e.message}`;
-  }
-}
+const { readyz } = h;
 
 /** Counts transitions into 'connected' after the first one (a reconnect shows as one more). */
 function watchReconnects(client) {
