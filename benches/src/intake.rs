@@ -74,6 +74,7 @@ pub async fn run(
         Default::default(),
         counter.clone(),
         stop.clone(),
+        tokio_util::task::TaskTracker::new(),
     );
     bus.subscribe("bench", "intake")
         .await

@@ -34,7 +34,8 @@ pub struct Node {
     /// Connection tasks, so the drain can wait for them.
     pub tasks: TaskTracker,
     connections: Mutex<HashMap<SocketId, ConnHandle>>,
-    /// The node's own background tasks (the hub's sweep), stopped by `stop`.
+    /// The node's own background tasks (the hub's sweep, the Redis bus's
+    /// readers and health probe), stopped by `stop`.
     background: TaskTracker,
     stop: CancellationToken,
     /// Cluster mode's shared bookkeeping; `None` on a single node.
@@ -67,6 +68,7 @@ impl Node {
             Arc::new(MemoryPresence::default()),
             None,
             CancellationToken::new(),
+            TaskTracker::new(),
         )
     }
 
@@ -84,6 +86,7 @@ impl Node {
         let node_id = config.node_id.clone().unwrap_or_else(default_node_id);
         let registry = Registry::new(&config.apps);
         let stop = CancellationToken::new();
+        let background = TaskTracker::new();
         let laravel = config
             .apps
             .iter()
@@ -96,6 +99,7 @@ impl Node {
             laravel,
             registry.clone(),
             stop.clone(),
+            background.clone(),
         ));
         let ttl = Duration::from_secs(config.presence_ttl_secs);
         let presence = Arc::new(RedisPresence::new(
@@ -118,6 +122,7 @@ impl Node {
             presence,
             Some(cluster),
             stop,
+            background,
         ))
     }
 
@@ -128,9 +133,9 @@ impl Node {
         presence: Arc<dyn PresenceStore>,
         cluster: Option<Cluster>,
         stop: CancellationToken,
+        background: TaskTracker,
     ) -> Arc<Node> {
         let hub = Arc::new(Hub::new(bus.clone()));
-        let background = TaskTracker::new();
         background.spawn(hub.clone().run(stop.clone()));
         Arc::new(Node {
             config,

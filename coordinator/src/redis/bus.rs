@@ -115,7 +115,8 @@ struct LaravelMessage {
 
 impl RedisBus {
     /// Starts the bus's tasks (one reader per Redis server, the health
-    /// probe); they stop when `stop` is cancelled.
+    /// probe) on `tasks`; they stop when `stop` is cancelled, and the owner
+    /// of `tasks` waits for them.
     pub fn start(
         redis: Redis,
         keys: Keys,
@@ -123,6 +124,7 @@ impl RedisBus {
         laravel_prefixes: HashMap<String, String>,
         delivery: Arc<dyn Delivery>,
         stop: CancellationToken,
+        tasks: TaskTracker,
     ) -> RedisBus {
         metrics::describe_counter!(
             DISCONNECTS_METRIC,
@@ -138,7 +140,7 @@ impl RedisBus {
             shards: RwLock::new(Vec::new()),
             delivery,
             stop,
-            tasks: TaskTracker::new(),
+            tasks,
         });
         shared
             .tasks
@@ -152,13 +154,7 @@ impl RedisBus {
         }
         // The control channel (terminate_connections) is always wanted.
         let _ = shared.want(shared.keys.control());
-        shared.tasks.close();
         RedisBus { shared }
-    }
-
-    /// Waits for the bus's tasks after `stop` was cancelled.
-    pub async fn stopped(&self) {
-        self.shared.tasks.wait().await;
     }
 
     /// Redis channels that carry events for one Pusher channel.
@@ -417,13 +413,17 @@ async fn route_task(shared: Arc<Shared>) {
             _ = shared.stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let unrouted: Vec<String> = shared
-            .subscriptions
-            .lock()
-            .iter()
-            .filter(|(_, s)| s.shard.is_none() && s.wanted)
-            .map(|(n, _)| n.clone())
-            .collect();
+        let unrouted: Vec<String> = {
+            let mut subs = shared.subscriptions.lock();
+            // Left before it was ever routed: nothing to unsubscribe.
+            subs.retain(|_, s| {
+                s.shard.is_some() || s.wanted || s.waiters.iter().any(|w| !w.is_closed())
+            });
+            subs.iter()
+                .filter(|(_, s)| s.shard.is_none() && s.wanted)
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
         for name in unrouted {
             let Some(route) = shared.route(&name) else {
                 break;

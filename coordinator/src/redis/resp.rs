@@ -164,10 +164,10 @@ fn read(buf: &mut Bytes) -> Frame {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn bulk(s: &str) -> Frame {
+    pub(crate) fn bulk(s: &str) -> Frame {
         Frame::Bulk(Bytes::copy_from_slice(s.as_bytes()))
     }
 

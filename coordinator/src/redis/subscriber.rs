@@ -200,11 +200,8 @@ fn to_push(frame: Frame) -> Option<Push> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::resp::tests::bulk;
     use super::*;
-
-    fn bulk(s: &str) -> Frame {
-        Frame::Bulk(Bytes::copy_from_slice(s.as_bytes()))
-    }
 
     #[test]
     fn reads_the_pushes_of_both_kinds_of_pub_sub() {
