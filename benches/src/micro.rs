@@ -388,7 +388,9 @@ async fn fanout_benches(
         secret: "belfry-secret".into(),
         ..AppConfig::default()
     }];
-    let registry = Registry::new(&apps);
+    let tasks = tokio_util::task::TaskTracker::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let registry = Registry::new(&apps, 1, &tasks, &stop);
     let Some(app) = registry.by_id("belfry").cloned() else {
         anyhow::bail!("registry lost its app");
     };
@@ -398,13 +400,16 @@ async fn fanout_benches(
         .map(|i| ConnHandle {
             socket_id: SocketId(1_000_000 + i as u64, i as u64),
             outbox: Arc::new(Outbox::new(&loopback.stream, 1 << 20, None)),
+            shard: 0,
         })
         .collect();
     for h in &handles {
         app.add_subscriber(&channel, h.clone(), &[]);
     }
-    let frame = Encode::event(pusher::BENCH_EVENT, Some(&channel), data);
-    let frame = frame.as_str();
+    let text = Encode::event(pusher::BENCH_EVENT, Some(&channel), data);
+    let mut framed = bytes::BytesMut::new();
+    belfry_node::websocket::encode(&mut framed, belfry_node::websocket::OP_TEXT, text.as_str().as_bytes());
+    let frame = &framed[..];
     // Frames queued behind the first in each measured round.
     let behind = 4;
 
@@ -415,10 +420,10 @@ async fn fanout_benches(
     let mut to_flush = Vec::with_capacity(n);
     let round = |to_flush: &mut Vec<ConnHandle>, app: &AppRegistry| {
         let t0 = Instant::now();
-        let sent = app.fan_out(&channel, frame, None, to_flush);
+        let (sent, _) = app.fan_out(0, &channel, frame, None, to_flush);
         let t1 = Instant::now();
         for _ in 0..behind {
-            app.fan_out(&channel, frame, None, to_flush);
+            app.fan_out(0, &channel, frame, None, to_flush);
         }
         let t2 = Instant::now();
         for h in to_flush.drain(..) {
@@ -467,7 +472,7 @@ async fn fanout_benches(
         format!(
             "Outbox::flush per recipient after that fan-out: one try_write of {} frame bytes \
              to a loopback socket ({n} outboxes share it; a thread drains the other end)",
-            frame.len() + 2
+            frame.len()
         ),
         flush,
         ops_per_run,
@@ -501,11 +506,14 @@ async fn fanout_benches(
         flush_result,
     ];
     for h in &handles {
-        app.remove_subscriber(&channel, h.socket_id);
+        app.remove_subscriber(&channel, h);
     }
     drop(handles);
     drop(loopback);
     drop(registry);
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
     Ok(out)
 }
 

@@ -62,6 +62,9 @@ pub struct Cli {
     /// File descriptors kept free; over the line new connections get 503 at once (0 = off) [default: 128].
     #[arg(long, env = "BELFRY_FD_RESERVE")]
     pub fd_reserve: Option<usize>,
+    /// Fan-out shards (0 = one per available CPU).
+    #[arg(long, env = "BELFRY_FANOUT_SHARDS")]
+    pub fanout_shards: Option<usize>,
     /// HTTP API requests per second for every app, overriding the file; over it: 429 (0 = none).
     #[arg(long, env = "BELFRY_API_REQUESTS_PER_SECOND")]
     pub api_requests_per_second: Option<u32>,
@@ -192,6 +195,10 @@ pub struct Config {
     /// File descriptors kept free for probes, metrics and Redis; new
     /// connections over the line are answered 503 and closed. 0 means off.
     pub fd_reserve: usize,
+    /// Fan-out shards: each owns a share of the connections and writes its
+    /// own sockets, so one channel's fan-out runs on every core. 0 means one
+    /// per available CPU.
+    pub fanout_shards: usize,
     /// Seconds between SIGTERM and the process exiting, at most.
     pub shutdown_grace_secs: u64,
     /// Seconds readiness fails before clients are closed, so load balancers stop sending new ones.
@@ -219,6 +226,7 @@ impl Default for Config {
             header_timeout_secs: 5,
             body_timeout_secs: 10,
             fd_reserve: 128,
+            fanout_shards: 0,
             shutdown_grace_secs: 25,
             drain_delay_secs: 1,
             apps: Vec::new(),
@@ -243,6 +251,15 @@ pub enum ConfigError {
 pub const DEV_APP: (&str, &str, &str) = ("belfry", "belfry-key", "belfry-secret");
 
 impl Config {
+    /// The number of fan-out shards to run: `fanout_shards`, or one per CPU
+    /// this process may use.
+    pub fn fanout_shards(&self) -> usize {
+        match self.fanout_shards {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
     /// Builds the configuration from file, environment and command line.
     /// `env` is a lookup so tests need not touch the process environment.
     pub fn load(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
@@ -314,6 +331,9 @@ impl Config {
         }
         if let Some(n) = cli.fd_reserve {
             config.fd_reserve = n;
+        }
+        if let Some(n) = cli.fanout_shards {
+            config.fanout_shards = n;
         }
         if let Some(n) = cli.shutdown_grace_secs {
             config.shutdown_grace_secs = n;
@@ -421,6 +441,9 @@ impl Config {
         }
         if self.send_queue_frames == 0 {
             return invalid("send_queue_frames must be at least 1".into());
+        }
+        if self.fanout_shards > 1024 {
+            return invalid("fanout_shards must be at most 1024".into());
         }
         Ok(())
     }

@@ -124,7 +124,11 @@ pub async fn run(node: Arc<Node>, app: Arc<AppRegistry>, stream: TcpStream, earl
         node.config.send_queue_frames,
         Some(app.metrics.clone()),
     ));
-    let handle = ConnHandle { socket_id, outbox };
+    let handle = ConnHandle {
+        socket_id,
+        outbox,
+        shard: node.registry.assign_shard(),
+    };
     let activity = Duration::from_secs(app.config.activity_timeout);
     let pong_wait = Duration::from_secs(app.config.pong_timeout);
     let max_message = app.config.max_message_bytes;
@@ -454,7 +458,7 @@ impl Conn {
     async fn leave(&self, channel: &ChannelName, presence: bool) {
         let app_id = self.app.config.id.as_str();
         let name = channel.as_str();
-        self.app.remove_subscriber(name, self.handle.socket_id);
+        self.app.remove_subscriber(name, &self.handle);
         self.node.hub.leave(app_id, name);
         self.node.subscription_removed(app_id, name).await;
         if !presence {

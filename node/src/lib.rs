@@ -3,13 +3,15 @@
 //!
 //! To follow one event from `POST /apps/{id}/events` to a client's socket:
 //! `server.rs` routes the request, `api/` checks and publishes it, the bus
-//! hands the envelope to `registry.rs`, which encodes the frame once and
-//! queues it to each subscriber, and `connection.rs` writes it.
+//! hands the envelope to `fanout.rs`, which encodes the frame once, hands
+//! it to every shard with a subscriber, and writes each shard's sockets from
+//! the subscriber lists in `registry.rs`.
 
 pub mod api;
 pub mod config;
 pub mod connection;
 pub mod edge;
+pub mod fanout;
 pub mod hub;
 pub mod node;
 pub mod outbox;

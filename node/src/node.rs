@@ -59,7 +59,9 @@ pub struct Refusal {
 impl Node {
     /// A single node with the in-process bus and in-memory presence.
     pub fn embedded(config: Config) -> Arc<Node> {
-        let registry = Registry::new(&config.apps);
+        let stop = CancellationToken::new();
+        let background = TaskTracker::new();
+        let registry = Registry::new(&config.apps, config.fanout_shards(), &background, &stop);
         let bus = Arc::new(LocalBus::new(registry.clone(), cache_ttl(&config)));
         Self::new(
             config,
@@ -67,8 +69,8 @@ impl Node {
             bus,
             Arc::new(MemoryPresence::default()),
             None,
-            CancellationToken::new(),
-            TaskTracker::new(),
+            stop,
+            background,
         )
     }
 
@@ -84,9 +86,9 @@ impl Node {
         }
         let keys = Keys::new(&config.redis_prefix);
         let node_id = config.node_id.clone().unwrap_or_else(default_node_id);
-        let registry = Registry::new(&config.apps);
         let stop = CancellationToken::new();
         let background = TaskTracker::new();
+        let registry = Registry::new(&config.apps, config.fanout_shards(), &background, &stop);
         let laravel = config
             .apps
             .iter()

@@ -86,12 +86,23 @@ impl Outbox {
     }
 
     pub fn queue_frame(&self, opcode: u8, payload: &[u8]) -> Queued {
+        self.push(|out| websocket::encode(out, opcode, payload)).0
+    }
+
+    /// Appends bytes that are already a whole WebSocket frame (a fan-out
+    /// encodes each event's frame once for all its recipients). Also returns
+    /// how many frames now wait for this socket's next write.
+    pub fn queue_framed(&self, framed: &[u8]) -> (Queued, usize) {
+        self.push(|out| out.extend_from_slice(framed))
+    }
+
+    fn push(&self, append: impl FnOnce(&mut BytesMut)) -> (Queued, usize) {
         let mut state = self.state.lock();
         if state.close.is_some() || state.finished {
-            return Queued::Dropped;
+            return (Queued::Dropped, 0);
         }
-        // Only frames held back by a full socket count: a fan-out round may
-        // queue many frames to a healthy client before its one write.
+        // Only frames held back by a full socket count: a fan-out may queue
+        // many frames to a healthy client while it waits for its turn.
         if state.blocked && state.frames >= self.max_frames {
             state.pending.clear();
             state.close = Some(CloseRequest {
@@ -104,16 +115,17 @@ impl Outbox {
                 m.slow_consumers.increment(1);
             }
             self.wake.notify_one();
-            return Queued::Dropped;
+            return (Queued::Dropped, 0);
         }
-        websocket::encode(&mut state.pending, opcode, payload);
+        append(&mut state.pending);
         state.frames += 1;
-        if state.blocked || state.flush_queued {
+        let queued = if state.blocked || state.flush_queued {
             Queued::Pending
         } else {
             state.flush_queued = true;
             Queued::NeedsFlush
-        }
+        };
+        (queued, state.frames)
     }
 
     /// Queues and writes at once: replies to the connection's own requests.
@@ -237,11 +249,13 @@ impl Outbox {
     }
 }
 
-/// A cheap handle to a connection: its id and its outbox.
+/// A cheap handle to a connection: its id, its outbox and the fan-out
+/// shard that owns its subscriptions.
 #[derive(Clone)]
 pub struct ConnHandle {
     pub socket_id: SocketId,
     pub outbox: Arc<Outbox>,
+    pub shard: usize,
 }
 
 impl ConnHandle {

@@ -2,46 +2,86 @@
 //! channel, which sockets belong to which signed-in user, and how many
 //! connections each app has here.
 //!
-//! It is also where the bus hands envelopes in: one frame is encoded per
-//! envelope and the same bytes are queued to every local subscriber. Channel
-//! maps are sharded and only ever locked without an `.await` inside.
+//! Subscriber lists are split by fan-out shard (`fanout.rs`): a connection
+//! belongs to one shard, and its subscriptions live in that shard's table,
+//! so shards fan one channel out in parallel without sharing a list. A
+//! node-wide count per channel answers occupancy queries. Tables are only
+//! ever locked without an `.await` inside.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use belfry_coordinator::{Delivery, Envelope, EnvelopeKind};
-use parking_lot::{Mutex, RwLock};
+use belfry_coordinator::{Delivery, Envelope};
+use parking_lot::Mutex;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::AppConfig;
+use crate::fanout::FanOut;
 use crate::outbox::{ConnHandle, Queued};
 use crate::protocol::frame::Encode;
 use crate::protocol::{code, SocketId};
 use crate::telemetry::AppMetrics;
 
-const SHARDS: usize = 16;
-
 /// The internal presence channel of signed-in users, per app: its member
 /// events drive watchlists. Clients cannot name it (`#` is reserved).
 pub const ONLINE_CHANNEL: &str = "#online";
 
-type Subscribers = HashMap<SocketId, ConnHandle>;
-/// One shard of an app's channels: channel name -> local subscribers.
-type Shard = RwLock<HashMap<Box<str>, Subscribers>>;
+/// One channel's subscribers in one shard: a list to walk, and an index to
+/// remove from it in constant time.
+#[derive(Default)]
+pub struct Subscribers {
+    list: Vec<ConnHandle>,
+    index: HashMap<SocketId, usize>,
+}
+
+impl Subscribers {
+    fn insert(&mut self, handle: ConnHandle) -> bool {
+        if self.index.contains_key(&handle.socket_id) {
+            return false;
+        }
+        self.index.insert(handle.socket_id, self.list.len());
+        self.list.push(handle);
+        true
+    }
+
+    fn remove(&mut self, socket_id: SocketId) -> bool {
+        let Some(at) = self.index.remove(&socket_id) else {
+            return false;
+        };
+        self.list.swap_remove(at);
+        if let Some(moved) = self.list.get(at) {
+            self.index.insert(moved.socket_id, at);
+        }
+        true
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &ConnHandle> {
+        self.list.iter()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+}
+
+/// One shard's channels of one app: channel name -> its subscribers there.
+pub type Table = Mutex<HashMap<Box<str>, Subscribers>>;
 
 /// One app's local state.
 pub struct AppRegistry {
     pub config: Arc<AppConfig>,
     pub metrics: Arc<AppMetrics>,
-    shards: Box<[Shard]>,
-    hasher: std::collections::hash_map::RandomState,
+    /// One table per fan-out shard, indexed by `ConnHandle::shard`.
+    tables: Box<[Table]>,
+    /// Local subscriptions per channel, over all shards.
+    counts: Mutex<HashMap<Box<str>, usize>>,
     users: Mutex<HashMap<String, Vec<ConnHandle>>>,
     /// user_id -> connections watching that user (signin watchlists).
     watchers: Mutex<HashMap<String, Vec<ConnHandle>>>,
     connections: AtomicUsize,
-    channels: AtomicUsize,
 }
 
 /// What a subscriber count query needs to know about one channel.
@@ -51,21 +91,21 @@ pub struct Occupancy {
 }
 
 impl AppRegistry {
-    fn new(config: AppConfig) -> Self {
+    fn new(config: AppConfig, shards: usize) -> Self {
         Self {
             metrics: Arc::new(AppMetrics::new(&config.id)),
             config: Arc::new(config),
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            hasher: Default::default(),
+            tables: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
+            counts: Mutex::new(HashMap::new()),
             users: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
             connections: AtomicUsize::new(0),
-            channels: AtomicUsize::new(0),
         }
     }
 
-    fn shard(&self, channel: &str) -> &Shard {
-        &self.shards[self.hasher.hash_one(channel) as usize % SHARDS]
+    /// The subscriber table of one fan-out shard.
+    pub fn table(&self, shard: usize) -> &Table {
+        &self.tables[shard % self.tables.len()]
     }
 
     pub fn connections(&self) -> usize {
@@ -94,102 +134,113 @@ impl AppRegistry {
         self.metrics.closed(reason);
     }
 
-    /// Adds a subscriber and queues `first` to it under the channel's lock, so
+    /// Adds a subscriber and queues `first` to it under its shard's lock, so
     /// no event can overtake `subscription_succeeded`. Returns true when the
     /// channel had no local subscriber before.
     pub fn add_subscriber(&self, channel: &str, handle: ConnHandle, first: &[Utf8Bytes]) -> bool {
-        let mut shard = self.shard(channel).write();
-        for frame in first {
-            // Flushed by the caller, outside the lock.
-            handle.outbox.queue(frame.as_str());
+        {
+            let mut table = self.table(handle.shard).lock();
+            for frame in first {
+                // Flushed by the caller, outside the lock.
+                handle.outbox.queue(frame.as_str());
+            }
+            if !table.entry(channel.into()).or_default().insert(handle) {
+                return false;
+            }
         }
-        let subscribers = shard.entry(channel.into()).or_default();
-        let was_empty = subscribers.is_empty();
-        subscribers.insert(handle.socket_id, handle);
-        if was_empty {
-            self.channels.fetch_add(1, Ordering::Relaxed);
-            self.metrics
-                .channels
-                .set(self.channels.load(Ordering::Relaxed) as f64);
+        let mut counts = self.counts.lock();
+        let count = counts.entry(channel.into()).or_default();
+        *count += 1;
+        let first = *count == 1;
+        if first {
+            self.metrics.channels.set(counts.len() as f64);
         }
-        was_empty
+        first
     }
 
     /// Removes a subscriber; returns true when the channel has no local
-    /// subscriber left (time to unsubscribe from the bus).
-    pub fn remove_subscriber(&self, channel: &str, socket_id: SocketId) -> bool {
-        let mut shard = self.shard(channel).write();
-        let Some(subscribers) = shard.get_mut(channel) else {
+    /// subscriber left.
+    pub fn remove_subscriber(&self, channel: &str, handle: &ConnHandle) -> bool {
+        {
+            let mut table = self.table(handle.shard).lock();
+            let Some(subscribers) = table.get_mut(channel) else {
+                return false;
+            };
+            if !subscribers.remove(handle.socket_id) {
+                return false;
+            }
+            if subscribers.is_empty() {
+                table.remove(channel);
+            }
+        }
+        let mut counts = self.counts.lock();
+        let Some(count) = counts.get_mut(channel) else {
             return false;
         };
-        if subscribers.remove(&socket_id).is_none() {
+        *count -= 1;
+        if *count > 0 {
             return false;
         }
-        if subscribers.is_empty() {
-            shard.remove(channel);
-            self.channels.fetch_sub(1, Ordering::Relaxed);
-            self.metrics
-                .channels
-                .set(self.channels.load(Ordering::Relaxed) as f64);
-            return true;
-        }
-        false
+        counts.remove(channel);
+        self.metrics.channels.set(counts.len() as f64);
+        true
     }
 
-    /// Queues `frame` to every local subscriber of `channel` but `exclude`,
-    /// adding those that need a flush to `to_flush`. Returns how many got it.
+    /// Queues an already framed event to every subscriber of `channel` in
+    /// `shard` but `exclude`. Connections that need a write are pushed to
+    /// `dirty`. Returns how many got the frame and the longest backlog seen
+    /// (frames waiting for one socket's next write).
     pub fn fan_out(
         &self,
+        shard: usize,
         channel: &str,
-        frame: &str,
+        framed: &[u8],
         exclude: Option<SocketId>,
-        to_flush: &mut Vec<ConnHandle>,
-    ) -> usize {
-        let shard = self.shard(channel).read();
-        let Some(subscribers) = shard.get(channel) else {
-            return 0;
+        dirty: &mut impl Extend<ConnHandle>,
+    ) -> (usize, usize) {
+        let table = self.table(shard).lock();
+        let Some(subscribers) = table.get(channel) else {
+            return (0, 0);
         };
         let mut sent = 0;
-        for (id, handle) in subscribers {
-            if Some(*id) == exclude {
+        let mut backlog = 0;
+        for handle in subscribers.iter() {
+            if Some(handle.socket_id) == exclude {
                 continue;
             }
-            match handle.outbox.queue(frame) {
-                Queued::NeedsFlush => {
-                    to_flush.push(handle.clone());
+            match handle.outbox.queue_framed(framed) {
+                (Queued::NeedsFlush, _) => {
+                    dirty.extend(Some(handle.clone()));
                     sent += 1;
                 }
-                Queued::Pending => sent += 1,
-                Queued::Dropped => {}
+                (Queued::Pending, frames) => {
+                    sent += 1;
+                    backlog = backlog.max(frames);
+                }
+                (Queued::Dropped, _) => {}
             }
         }
-        sent
+        (sent, backlog)
+    }
+
+    /// Whether `shard` has a subscriber of `channel`.
+    pub fn shard_has(&self, shard: usize, channel: &str) -> bool {
+        self.table(shard).lock().contains_key(channel)
     }
 
     pub fn occupancy(&self, channel: &str) -> Occupancy {
         Occupancy {
-            subscriptions: self
-                .shard(channel)
-                .read()
-                .get(channel)
-                .map_or(0, |s| s.len()),
+            subscriptions: self.counts.lock().get(channel).copied().unwrap_or(0),
         }
     }
 
     /// Every occupied channel with its local subscription count.
     pub fn channels(&self) -> Vec<(String, Occupancy)> {
-        let mut out = Vec::new();
-        for shard in self.shards.iter() {
-            for (name, subs) in shard.read().iter() {
-                out.push((
-                    name.to_string(),
-                    Occupancy {
-                        subscriptions: subs.len(),
-                    },
-                ));
-            }
-        }
-        out
+        self.counts
+            .lock()
+            .iter()
+            .map(|(name, &subscriptions)| (name.to_string(), Occupancy { subscriptions }))
+            .collect()
     }
 
     pub fn add_user(&self, user_id: &str, handle: ConnHandle) {
@@ -233,7 +284,7 @@ impl AppRegistry {
     }
 
     /// Tells this node's watchers of `user_id` that the user came or went.
-    fn notify_watchers(&self, user_id: &str, name: &str) {
+    pub(crate) fn notify_watchers(&self, user_id: &str, name: &str) {
         let handles = self
             .watchers
             .lock()
@@ -263,88 +314,49 @@ impl AppRegistry {
     }
 }
 
-/// Every app's local state, by id and by key.
+/// Every app's local state, by id and by key, and the fan-out that
+/// delivers envelopes to local subscribers.
 pub struct Registry {
     by_id: HashMap<String, Arc<AppRegistry>>,
     by_key: HashMap<String, Arc<AppRegistry>>,
-    /// Envelopes on their way to the fan-out tasks, one per core; a channel
-    /// always goes to the same task, so its events keep their order.
-    inbound: Vec<tokio::sync::mpsc::Sender<Envelope>>,
-    hasher: std::collections::hash_map::RandomState,
+    fanout: FanOut,
+    next_shard: AtomicUsize,
 }
 
-/// Envelopes handled per fan-out round; each recipient is written once per round.
-const ROUND: usize = 512;
-/// Envelopes waiting per fan-out lane. When a lane is full, `deliver` waits:
-/// the bus stops reading Redis and the HTTP API stops answering, so a burst
-/// slows its publishers down instead of being dropped or growing memory.
-const LANE_CAPACITY: usize = 8192;
-
 impl Registry {
-    /// Builds the registry and starts its fan-out task, which runs until
-    /// the registry is dropped. Needs a Tokio runtime.
-    pub fn new(apps: &[AppConfig]) -> Arc<Self> {
+    /// Builds the registry and starts one fan-out task per shard on `tasks`;
+    /// they stop on `stop` or when the registry is dropped. Needs a Tokio
+    /// runtime.
+    pub fn new(
+        apps: &[AppConfig],
+        shards: usize,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> Arc<Self> {
+        let shards = shards.max(1);
         let mut by_id = HashMap::new();
         let mut by_key = HashMap::new();
         for config in apps {
-            let app = Arc::new(AppRegistry::new(config.clone()));
+            let app = Arc::new(AppRegistry::new(config.clone(), shards));
             by_id.insert(config.id.clone(), app.clone());
             by_key.insert(config.key.clone(), app);
         }
-        let tasks = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let (inbound, receivers): (Vec<_>, Vec<_>) = (0..tasks)
-            .map(|_| tokio::sync::mpsc::channel(LANE_CAPACITY))
-            .unzip();
-        let registry = Arc::new(Self {
+        Arc::new(Self {
             by_id,
             by_key,
-            inbound,
-            hasher: Default::default(),
-        });
-        for rx in receivers {
-            tokio::spawn(fan_out_task(Arc::downgrade(&registry), rx));
-        }
-        registry
+            fanout: FanOut::start(shards, tasks, stop),
+            next_shard: AtomicUsize::new(0),
+        })
     }
 
-    /// Fans out one envelope, queueing to local subscribers.
-    fn dispatch(&self, envelope: Envelope, to_flush: &mut Vec<ConnHandle>) {
-        let Some(app) = self.by_id.get(&envelope.app) else {
-            return;
-        };
-        match envelope.kind {
-            EnvelopeKind::Event if envelope.channel == ONLINE_CHANNEL => {
-                // Who is online: member events of the internal channel become
-                // watchlist events for the users' watchers.
-                let name = match envelope.event.as_str() {
-                    "pusher_internal:member_added" => "online",
-                    "pusher_internal:member_removed" => "offline",
-                    _ => return,
-                };
-                let user = serde_json::from_str::<serde_json::Value>(&envelope.data)
-                    .ok()
-                    .and_then(|v| v.get("user_id").cloned());
-                if let Some(serde_json::Value::String(user_id)) = user {
-                    app.notify_watchers(&user_id, name);
-                }
-            }
-            EnvelopeKind::Event => {
-                let frame = Encode::event_with_user(
-                    &envelope.event,
-                    Some(&envelope.channel),
-                    &envelope.data,
-                    envelope.user_id.as_deref(),
-                );
-                let exclude = envelope.socket_id.as_deref().and_then(SocketId::parse);
-                let sent = app.fan_out(&envelope.channel, frame.as_str(), exclude, to_flush);
-                app.metrics.delivered(sent, frame.len(), envelope.ts_us);
-            }
-            EnvelopeKind::Terminate => {
-                if let Some(user_id) = &envelope.user_id {
-                    app.terminate_user(user_id);
-                }
-            }
-        }
+    /// The shard a new connection joins: round robin, so every shard holds
+    /// about the same share of each channel's subscribers.
+    pub fn assign_shard(&self) -> usize {
+        self.next_shard.fetch_add(1, Ordering::Relaxed) % self.fanout.shards()
+    }
+
+    pub fn shards(&self) -> usize {
+        self.fanout.shards()
     }
 
     pub fn by_id(&self, id: &str) -> Option<&Arc<AppRegistry>> {
@@ -365,42 +377,15 @@ impl Registry {
 }
 
 impl Delivery for Registry {
-    /// Hands the envelope to its channel's fan-out task, waiting while that
-    /// task's lane is full.
+    /// Hands the envelope to the fan-out, waiting while a shard it needs is
+    /// full: the bus stops reading Redis and the HTTP API stops answering,
+    /// so a burst slows its publishers down instead of being dropped.
     fn deliver(&self, envelope: Envelope) -> futures_util::future::BoxFuture<'_, ()> {
-        let lane = if self.inbound.len() == 1 {
-            0
-        } else {
-            self.hasher.hash_one((&envelope.app, &envelope.channel)) as usize % self.inbound.len()
-        };
-        // A send fails only once the fan-out task is gone (shutdown).
         Box::pin(async move {
-            let _ = self.inbound[lane].send(envelope).await;
+            let Some(app) = self.by_id.get(&envelope.app) else {
+                return;
+            };
+            self.fanout.deliver(app, envelope).await;
         })
-    }
-}
-
-/// Takes every envelope waiting, queues each to its subscribers, then writes
-/// each touched connection once: under load a socket gets many frames per
-/// write, which is what lets one core serve millions of deliveries a second.
-async fn fan_out_task(
-    registry: std::sync::Weak<Registry>,
-    mut inbound: tokio::sync::mpsc::Receiver<Envelope>,
-) {
-    let mut batch = Vec::with_capacity(ROUND);
-    let mut to_flush = Vec::new();
-    while inbound.recv_many(&mut batch, ROUND).await > 0 {
-        let Some(registry) = registry.upgrade() else {
-            return;
-        };
-        for envelope in batch.drain(..) {
-            registry.dispatch(envelope, &mut to_flush);
-        }
-        drop(registry);
-        for handle in to_flush.drain(..) {
-            handle.outbox.flush();
-        }
-        // Let the connections' own tasks run between rounds.
-        tokio::task::yield_now().await;
     }
 }
