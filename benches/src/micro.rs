@@ -408,7 +408,11 @@ async fn fanout_benches(
     }
     let text = Encode::event(pusher::BENCH_EVENT, Some(&channel), data);
     let mut framed = bytes::BytesMut::new();
-    belfry_node::websocket::encode(&mut framed, belfry_node::websocket::OP_TEXT, text.as_str().as_bytes());
+    belfry_node::websocket::encode(
+        &mut framed,
+        belfry_node::websocket::OP_TEXT,
+        text.as_str().as_bytes(),
+    );
     let frame = &framed[..];
     // Frames queued behind the first in each measured round.
     let behind = 4;

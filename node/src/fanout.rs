@@ -227,3 +227,158 @@ async fn flusher(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::time::Duration;
+
+    use belfry_coordinator::Delivery;
+
+    use super::*;
+    use crate::config::AppConfig;
+    use crate::outbox::Outbox;
+    use crate::registry::Registry;
+
+    /// A connected pair over loopback: the server side for an outbox, the
+    /// client side to read what it was sent (blocking; the flushers run on
+    /// the runtime's workers).
+    async fn pair() -> (Arc<tokio::net::TcpStream>, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let server = tokio::net::TcpStream::from_std(server).unwrap();
+        // The reactor learns the socket is writable on its first poll;
+        // without a connection task, wait for that here.
+        server.writable().await.unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        (Arc::new(server), client)
+    }
+
+    /// Reads unmasked server text frames until `want` arrived.
+    fn read_texts(client: &mut std::net::TcpStream, want: usize) -> Vec<String> {
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 65536];
+        while out.len() < want {
+            let n = client.read(&mut chunk).expect("frames arrive");
+            assert!(n > 0, "socket closed after {} frames", out.len());
+            buf.extend_from_slice(&chunk[..n]);
+            loop {
+                if buf.len() < 2 {
+                    break;
+                }
+                let (len, head) = match buf[1] & 0x7f {
+                    126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+                    126 => break,
+                    127 => unreachable!("test frames are small"),
+                    n => (n as usize, 2),
+                };
+                if buf.len() < head + len {
+                    break;
+                }
+                assert_eq!(buf[0], 0x81, "a final text frame");
+                out.push(String::from_utf8(buf[head..head + len].to_vec()).unwrap());
+                buf.drain(..head + len);
+            }
+        }
+        out
+    }
+
+    fn n_of(text: &str) -> u64 {
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        let data: serde_json::Value = serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
+        data["n"].as_u64().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_shard_delivers_every_event_in_order_but_to_the_excluded_socket() {
+        let app = AppConfig {
+            id: "a".into(),
+            key: "k".into(),
+            secret: "s".into(),
+            ..AppConfig::default()
+        };
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let registry = Registry::new(&[app], 3, &tasks, &stop);
+        let apps = registry.by_id("a").unwrap().clone();
+        let mut clients = Vec::new();
+        let mut handles = Vec::new();
+        for i in 0..6u64 {
+            let (server, client) = pair().await;
+            let handle = ConnHandle {
+                socket_id: SocketId(i + 1, i + 1),
+                outbox: Arc::new(Outbox::new(&server, 1024, None)),
+                shard: registry.assign_shard(),
+            };
+            apps.add_subscriber("c", handle.clone(), &[]);
+            handles.push((server, handle));
+            clients.push(client);
+        }
+        let shards: std::collections::HashSet<_> = handles.iter().map(|(_, h)| h.shard).collect();
+        assert_eq!(
+            shards.len(),
+            3,
+            "round robin puts subscribers on every shard"
+        );
+
+        let excluded = handles[4].1.socket_id;
+        let total = 500u64;
+        for n in 0..total {
+            let mut e = Envelope::event("a", "c", "e", format!("{{\"n\":{n}}}"));
+            if n == 7 {
+                e.socket_id = Some(excluded.to_string());
+            }
+            registry.deliver(e).await;
+        }
+        for (i, client) in clients.iter_mut().enumerate() {
+            let skips = usize::from(i == 4);
+            let got: Vec<u64> = read_texts(client, total as usize - skips)
+                .iter()
+                .map(|t| n_of(t))
+                .collect();
+            let want: Vec<u64> = (0..total).filter(|&n| !(skips == 1 && n == 7)).collect();
+            assert_eq!(got, want, "subscriber {i}");
+        }
+        stop.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_channel_with_no_local_subscriber_costs_no_shard_work() {
+        let app = AppConfig {
+            id: "a".into(),
+            ..AppConfig::default()
+        };
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let registry = Registry::new(&[app], 2, &tasks, &stop);
+        let apps = registry.by_id("a").unwrap().clone();
+        let (server, mut client) = pair().await;
+        let handle = ConnHandle {
+            socket_id: SocketId(1, 1),
+            outbox: Arc::new(Outbox::new(&server, 1024, None)),
+            shard: 1,
+        };
+        apps.add_subscriber("here", handle.clone(), &[]);
+        assert!(!apps.shard_has(0, "here") && apps.shard_has(1, "here"));
+        registry
+            .deliver(Envelope::event("a", "elsewhere", "e", "{\"n\":0}".into()))
+            .await;
+        registry
+            .deliver(Envelope::event("a", "here", "e", "{\"n\":1}".into()))
+            .await;
+        let got = read_texts(&mut client, 1);
+        assert_eq!(n_of(&got[0]), 1);
+        assert!(apps.remove_subscriber("here", &handle));
+        assert_eq!(apps.occupancy("here").subscriptions, 0);
+        stop.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+}
