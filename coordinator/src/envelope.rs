@@ -53,6 +53,29 @@ pub enum EnvelopeError {
 }
 
 impl Envelope {
+    /// `pusher_internal:member_added` for a user who joined a presence
+    /// channel. Every announcement of it, a node's or the sweep's, is built
+    /// here so clients always see the same payload.
+    pub fn member_added(
+        app: &str,
+        channel: &str,
+        user_id_json: &str,
+        user_info: Option<&str>,
+    ) -> Self {
+        let data = format!(
+            "{{\"user_id\":{user_id_json},\"user_info\":{}}}",
+            user_info.unwrap_or("null")
+        );
+        Self::event(app, channel, "pusher_internal:member_added", data)
+    }
+
+    /// `pusher_internal:member_removed` for a user whose last connection on
+    /// a presence channel left.
+    pub fn member_removed(app: &str, channel: &str, user_id_json: &str) -> Self {
+        let data = format!("{{\"user_id\":{user_id_json}}}");
+        Self::event(app, channel, "pusher_internal:member_removed", data)
+    }
+
     pub fn event(app: &str, channel: &str, event: &str, data: String) -> Self {
         Self {
             v: ENVELOPE_VERSION,
@@ -105,6 +128,18 @@ pub fn now_us() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn member_events_carry_pushers_payload() {
+        let added = Envelope::member_added("a", "presence-r", "\"7\"", Some("{\"n\":1}"));
+        assert_eq!(added.event, "pusher_internal:member_added");
+        assert_eq!(added.data, r#"{"user_id":"7","user_info":{"n":1}}"#);
+        let bare = Envelope::member_added("a", "presence-r", "7", None);
+        assert_eq!(bare.data, r#"{"user_id":7,"user_info":null}"#);
+        let removed = Envelope::member_removed("a", "presence-r", "\"7\"");
+        assert_eq!(removed.event, "pusher_internal:member_removed");
+        assert_eq!(removed.data, r#"{"user_id":"7"}"#);
+    }
 
     #[test]
     fn round_trips_with_named_fields() {

@@ -432,8 +432,12 @@ impl Conn {
         self.handle.outbox.flush();
 
         if let Some(member) = added {
-            let data = Encode::member_added_data(&member.user_id_json, member.user_info.as_deref());
-            let mut envelope = Envelope::event(app_id, name, "pusher_internal:member_added", data);
+            let mut envelope = Envelope::member_added(
+                app_id,
+                name,
+                &member.user_id_json,
+                member.user_info.as_deref(),
+            );
             envelope.socket_id = Some(socket);
             if let Err(e) = self.node.bus.publish(vec![envelope]).await {
                 tracing::warn!(error = %e, "member_added not published");
@@ -468,9 +472,7 @@ impl Conn {
         match self.node.presence.leave(app_id, name, &socket).await {
             Ok(Some(member)) => {
                 self.app.metrics.presence_members.decrement(1.0);
-                let data = Encode::member_removed_data(&member.user_id_json);
-                let envelope =
-                    Envelope::event(app_id, name, "pusher_internal:member_removed", data);
+                let envelope = Envelope::member_removed(app_id, name, &member.user_id_json);
                 if let Err(e) = self.node.bus.publish(vec![envelope]).await {
                     tracing::warn!(error = %e, "member_removed not published");
                 }
@@ -506,9 +508,8 @@ impl Conn {
             .await
         {
             Ok(true) => {
-                let data = Encode::member_added_data(&member.user_id_json, None);
                 let envelope =
-                    Envelope::event(app_id, ONLINE_CHANNEL, "pusher_internal:member_added", data);
+                    Envelope::member_added(app_id, ONLINE_CHANNEL, &member.user_id_json, None);
                 if let Err(e) = self.node.bus.publish(vec![envelope]).await {
                     tracing::warn!(error = %e, "online event not published");
                 }
@@ -545,13 +546,8 @@ impl Conn {
             .await
         {
             Ok(Some(member)) => {
-                let data = Encode::member_removed_data(&member.user_id_json);
-                let envelope = Envelope::event(
-                    app_id,
-                    ONLINE_CHANNEL,
-                    "pusher_internal:member_removed",
-                    data,
-                );
+                let envelope =
+                    Envelope::member_removed(app_id, ONLINE_CHANNEL, &member.user_id_json);
                 if let Err(e) = self.node.bus.publish(vec![envelope]).await {
                     tracing::warn!(error = %e, "offline event not published");
                 }

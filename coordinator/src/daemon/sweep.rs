@@ -173,13 +173,7 @@ async fn sweep_channel(
         if let Some(member) = outcome.removed {
             tracing::info!(app, channel, user_id = %member.user_id, socket_id, "presence expired: member_removed");
             removed_count += 1;
-            let data = format!("{{\"user_id\":{}}}", member.user_id_json);
-            announcements.push(Envelope::event(
-                app,
-                channel,
-                "pusher_internal:member_removed",
-                data,
-            ));
+            announcements.push(Envelope::member_removed(app, channel, &member.user_id_json));
         } else {
             tracing::debug!(
                 app,

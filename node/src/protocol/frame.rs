@@ -295,17 +295,6 @@ impl Encode {
         )
     }
 
-    pub fn member_added_data(user_id_json: &str, user_info: Option<&str>) -> String {
-        format!(
-            "{{\"user_id\":{user_id_json},\"user_info\":{}}}",
-            user_info.unwrap_or("null")
-        )
-    }
-
-    pub fn member_removed_data(user_id_json: &str) -> String {
-        format!("{{\"user_id\":{user_id_json}}}")
-    }
-
     pub fn cache_miss(channel: &str) -> Utf8Bytes {
         Self::event("pusher:cache_miss", Some(channel), "{}")
     }
