@@ -548,6 +548,7 @@ impl Conn {
         }
         let now_ns = pusher::unix_nanos();
         let mut stats = shard.lock();
+        stats.counters.reads += 1;
         let mut outbox = Outbox {
             out: &mut self.out,
             mask: &mut self.mask,

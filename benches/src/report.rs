@@ -128,6 +128,8 @@ pub struct RampStep {
     pub lost: u64,
     pub latency: Percentiles,
     pub server_cpu_pct: Option<f64>,
+    /// Frames a client read carried on average during the step.
+    pub frames_per_read: f64,
     pub passed: bool,
 }
 
@@ -249,12 +251,13 @@ impl Report {
                 row(
                     &format!("ramp {:.0} ev/s", s.rate),
                     format!(
-                        "{} {:.0} deliveries/s, p99 {:.2} ms, max {:.2} ms, lost {}{}",
+                        "{} {:.0} deliveries/s, p99 {:.2} ms, max {:.2} ms, lost {}, {:.1} frames/read{}",
                         if s.passed { "ok  " } else { "FAIL" },
                         s.deliveries_per_sec,
                         s.latency.p99_ms,
                         s.latency.max_ms,
                         s.lost,
+                        s.frames_per_read,
                         s.server_cpu_pct
                             .map(|c| format!(", server cpu {c:.0}%"))
                             .unwrap_or_default()

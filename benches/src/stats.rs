@@ -90,6 +90,9 @@ pub struct Counters {
     pub subscribe_failed: u64,
     pub disconnected: u64,
     pub deliveries: u64,
+    /// Socket reads that found data: deliveries per read shows whether the
+    /// server coalesces frames into one write.
+    pub reads: u64,
     pub duplicates: u64,
     pub other_frames: u64,
     pub pings_answered: u64,
@@ -110,6 +113,7 @@ impl Counters {
         self.subscribe_failed += o.subscribe_failed;
         self.disconnected += o.disconnected;
         self.deliveries += o.deliveries;
+        self.reads += o.reads;
         self.duplicates += o.duplicates;
         self.other_frames += o.other_frames;
         self.pings_answered += o.pings_answered;

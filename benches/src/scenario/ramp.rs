@@ -98,6 +98,7 @@ pub async fn run(common: &Common, plan: RampPlan) -> anyhow::Result<Report> {
             lost,
             latency,
             server_cpu_pct: h.report.servers.first().map(|s| s.usage.cpu_pct),
+            frames_per_read: received as f64 / (end.reads - base.reads).max(1) as f64,
             passed: lost == 0 && failed_step == 0 && latency.p99_ms <= plan.p99_ms,
         };
         let passed = step.passed;
