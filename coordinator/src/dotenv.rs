@@ -79,17 +79,19 @@ impl EnvValue {
 }
 
 impl DotEnv {
-    pub fn read(path: &Path) -> Result<DotEnv, DotEnvError> {
+    /// Reads the file at `path`; `process` as in `parse`.
+    pub fn read(
+        path: &Path,
+        process: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<DotEnv, DotEnvError> {
         let text = std::fs::read_to_string(path).map_err(|source| DotEnvError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text, &|name| std::env::var(name).ok()).map_err(|(line, message)| {
-            DotEnvError::Syntax {
-                path: path.to_owned(),
-                line,
-                message,
-            }
+        Self::parse(&text, process).map_err(|(line, message)| DotEnvError::Syntax {
+            path: path.to_owned(),
+            line,
+            message,
         })
     }
 
@@ -488,7 +490,10 @@ mod tests {
         };
         assert_eq!(laravel_redis_url(&none), None);
         assert_eq!(
-            laravel_redis_url(&env(&[("REDIS_HOST", "127.0.0.1"), ("REDIS_PASSWORD", "null")])),
+            laravel_redis_url(&env(&[
+                ("REDIS_HOST", "127.0.0.1"),
+                ("REDIS_PASSWORD", "null")
+            ])),
             Some("redis://127.0.0.1:6379/0".into())
         );
         assert_eq!(

@@ -11,6 +11,7 @@ pub mod config;
 pub mod connection;
 pub mod edge;
 pub mod hub;
+pub mod leader_watch;
 pub mod node;
 pub mod outbox;
 pub mod protocol;
