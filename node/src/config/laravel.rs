@@ -177,9 +177,11 @@ fn app_options(
             "all" => ClientEvents::All,
             "members" => ClientEvents::Members,
             "none" => ClientEvents::None,
-            _ => return Err(ConfigError::Invalid(format!(
+            _ => {
+                return Err(ConfigError::Invalid(format!(
                 "REVERB_APP_ACCEPT_CLIENT_EVENTS_FROM: expected all, members or none, not {from:?}"
-            ))),
+            )))
+            }
         };
     }
     Ok(())
