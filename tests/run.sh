@@ -35,6 +35,7 @@ run "cargo fmt --check" cargo fmt --all -- --check
 run "cargo clippy" cargo clippy --release --workspace --all-targets --locked -- -D warnings
 run "rust tests" cargo test --release --workspace --locked
 run "end-to-end (pusher-js, laravel-echo, pusher SDK)" bash -c "cd tests/js && npm test"
+run "HTTP API against docs/openapi.yaml (schemathesis)" bash tests/api/run.sh
 if [ -f benches/smoke.sh ]; then run "belfry-bench smoke" bash benches/smoke.sh; fi
 if [ -f tests/ops/check.sh ]; then run "deployment checks" bash tests/ops/check.sh; fi
 

@@ -52,6 +52,9 @@ struct RunArgs {
     /// Redis to coordinate (required): redis://host:port/db or redis-cluster://host:port?node=host:port
     #[arg(long, env = "BELFRY_REDIS_URL")]
     redis_url: Option<String>,
+    /// Without --redis-url: a Laravel .env whose REDIS_* name the Redis (the environment's REDIS_* win).
+    #[arg(long, env = "BELFRY_ENV_FILE")]
+    env_file: Option<std::path::PathBuf>,
     /// Prefix of every Belfry key and pub/sub channel; the nodes must use the same.
     #[arg(long, env = "BELFRY_REDIS_PREFIX", default_value = "belfry")]
     redis_prefix: String,
@@ -114,6 +117,16 @@ struct PublishArgs {
     cache_ttl_secs: u64,
 }
 
+/// The Redis a Laravel app's `REDIS_*` name, from the environment or `.env`.
+fn laravel_redis_url(env_file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    use belfry_coordinator::dotenv::{self, DotEnv};
+    let process = |name: &str| std::env::var(name).ok();
+    let file = env_file.map(|p| DotEnv::read(p, &process)).transpose()?;
+    let env = dotenv::layered(&process, file.as_ref());
+    let url = dotenv::laravel_redis_url(&env);
+    Ok(url)
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = tokio::runtime::Builder::new_multi_thread()
@@ -138,9 +151,12 @@ fn main() {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     belfry_coordinator::logging::init(args.log_format);
     let prometheus = install_recorder();
-    let url = args
-        .redis_url
-        .context("--redis-url (or BELFRY_REDIS_URL) is required: the coordinator works on the cluster's Redis")?;
+    let url = match args.redis_url {
+        Some(url) => url,
+        None => laravel_redis_url(args.env_file.as_deref())?.context(
+            "--redis-url (or BELFRY_REDIS_URL, or REDIS_* in --env-file) is required: the coordinator works on the cluster's Redis",
+        )?,
+    };
     let redis = Redis::connect(&url).context("invalid --redis-url")?;
     if !redis.wait_connected(CONNECT_TIMEOUT).await {
         tracing::warn!("Redis is not reachable yet; retrying in the background");

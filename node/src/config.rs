@@ -9,20 +9,25 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub mod laravel;
+
 /// Command line. Every flag has a `BELFRY_*` variable too.
 #[derive(Debug, Default, Clone, clap::Parser)]
 #[command(
     name = "belfry-node",
     version,
     about = "Belfry edge node: a Pusher protocol 7 WebSocket server and HTTP API, drop-in for Laravel Reverb.",
-    after_help = "Reverb's REVERB_APP_ID, REVERB_APP_KEY, REVERB_APP_SECRET, REVERB_SERVER_HOST and \
-REVERB_SERVER_PORT are read too, so a Laravel .env starts it unchanged. With no configuration it \
-serves one development app and prints its credentials. See docs/configuration.md."
+    after_help = "Reverb's REVERB_* and Laravel's REDIS_* variables are read too, from the \
+environment or from the app's .env (--env-file), so a Laravel app starts it unchanged. With no \
+configuration it serves one development app and prints its credentials. See docs/configuration.md."
 )]
 pub struct Cli {
     /// TOML configuration file.
     #[arg(long, env = "BELFRY_CONFIG")]
     pub config: Option<PathBuf>,
+    /// A Laravel .env to read REVERB_* and REDIS_* from; the process environment wins over it.
+    #[arg(long, env = "BELFRY_ENV_FILE")]
+    pub env_file: Option<PathBuf>,
     /// Address to listen on for WebSockets and the HTTP API [default: 127.0.0.1].
     #[arg(long, env = "BELFRY_HOST")]
     pub host: Option<String>,
@@ -35,6 +40,9 @@ pub struct Cli {
     /// Redis URL; switches the node to cluster mode (redis:// or redis-cluster://).
     #[arg(long, env = "BELFRY_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Prefix of every Belfry Redis key and pub/sub channel; coordinator and publishers must match [default: belfry].
+    #[arg(long, env = "BELFRY_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
     /// Path prefix in front of /app and /apps, e.g. /ws.
     #[arg(long, env = "BELFRY_PATH_PREFIX")]
     pub path_prefix: Option<String>,
@@ -106,8 +114,13 @@ pub struct AppConfig {
     /// Connections for this app; 0 means no limit. Over it: 4004.
     pub max_connections: usize,
     pub client_events: ClientEvents,
-    /// Seconds of silence after which the server pings; sent to clients too.
+    /// Seconds sent to clients as `activity_timeout`: how long they stay
+    /// silent before they ping. Also the server's ping interval unless
+    /// `ping_interval` is set.
     pub activity_timeout: u64,
+    /// Seconds of silence after which the server pings a client (Reverb's
+    /// `ping_interval`); 0 means the same as `activity_timeout`.
+    pub ping_interval: u64,
     /// Seconds to wait for any reply to a server ping before closing with 4201.
     pub pong_timeout: u64,
     /// Largest WebSocket message accepted from a client; larger closes with 1009.
@@ -142,6 +155,7 @@ impl Default for AppConfig {
             max_connections: 0,
             client_events: ClientEvents::Members,
             activity_timeout: 30,
+            ping_interval: 0,
             pong_timeout: 30,
             max_message_bytes: 10_240,
             max_payload_bytes: 10_240,
@@ -171,6 +185,9 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// Prefix of every Redis key and pub/sub channel Belfry uses.
     pub redis_prefix: String,
+    /// Largest HTTP API request body, in bytes (413 over it); 0 means what
+    /// the app's limits allow (a full batch of full events).
+    pub max_request_bytes: usize,
     /// Cluster mode: this node's name in Redis; defaults to host name, pid and a random suffix.
     pub node_id: Option<String>,
     /// Cluster mode: seconds a presence connection outlives its node's last refresh.
@@ -215,6 +232,7 @@ impl Default for Config {
             path_prefix: String::new(),
             redis_url: None,
             redis_prefix: "belfry".into(),
+            max_request_bytes: 0,
             node_id: None,
             presence_ttl_secs: 30,
             max_connections: 0,
@@ -263,31 +281,32 @@ impl Config {
     /// Builds the configuration from file, environment and command line.
     /// `env` is a lookup so tests need not touch the process environment.
     pub fn load(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        Self::load_with(cli, env, &[])
+    }
+
+    /// `load`, where `env_names` are the process environment's variable
+    /// names, so unknown `REVERB_*` ones can be warned about.
+    pub fn load_with(
+        cli: &Cli,
+        env: &dyn Fn(&str) -> Option<String>,
+        env_names: &[String],
+    ) -> Result<Config, ConfigError> {
         let mut config = match &cli.config {
             Some(path) => Self::from_file(path)?,
             None => Config::default(),
         };
-        if let Some(host) = env("REVERB_SERVER_HOST") {
-            config.host = host;
-        }
-        if let Some(port) = env("REVERB_SERVER_PORT") {
-            config.port = port.parse().map_err(|_| {
-                ConfigError::Invalid(format!("REVERB_SERVER_PORT: not a port: {port}"))
-            })?;
-        }
-        if config.apps.is_empty() {
-            if let (Some(id), Some(key), Some(secret)) = (
-                env("REVERB_APP_ID"),
-                env("REVERB_APP_KEY"),
-                env("REVERB_APP_SECRET"),
-            ) {
-                config.apps.push(AppConfig {
-                    id,
-                    key,
-                    secret,
-                    ..AppConfig::default()
-                });
-            }
+        let file = match &cli.env_file {
+            Some(path) => Some(
+                belfry_coordinator::dotenv::DotEnv::read(path, env)
+                    .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let mut names = env_names.to_vec();
+        names.extend(file.iter().flat_map(|f| f.names().map(str::to_owned)));
+        let layered = belfry_coordinator::dotenv::layered(env, file.as_ref());
+        for warning in laravel::apply(&mut config, &layered, &names)? {
+            tracing::warn!("{warning}");
         }
         if let Some(host) = &cli.host {
             config.host = host.clone();
@@ -300,6 +319,9 @@ impl Config {
         }
         if let Some(url) = &cli.redis_url {
             config.redis_url = Some(url.clone());
+        }
+        if let Some(prefix) = &cli.redis_prefix {
+            config.redis_prefix = prefix.clone();
         }
         if let Some(prefix) = &cli.path_prefix {
             config.path_prefix = prefix.clone();
@@ -365,6 +387,16 @@ impl Config {
 
     pub fn from_toml(text: &str) -> Result<Config, String> {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Seconds of silence after which the server pings a client of `app`.
+    pub fn ping_after(app: &AppConfig) -> std::time::Duration {
+        let secs = if app.ping_interval == 0 {
+            app.activity_timeout
+        } else {
+            app.ping_interval
+        };
+        std::time::Duration::from_secs(secs)
     }
 
     /// True when the development app is being served because nothing was configured.

@@ -13,6 +13,7 @@ pub mod connection;
 pub mod edge;
 pub mod fanout;
 pub mod hub;
+pub mod leader_watch;
 pub mod node;
 pub mod outbox;
 pub mod protocol;

@@ -28,7 +28,10 @@ pub static malloc_conf: &[u8; 60] =
 fn main() {
     let cli = Cli::parse();
     belfry_coordinator::logging::init(cli.log_format);
-    let config = match Config::load(&cli, &|name| std::env::var(name).ok()) {
+    let names: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .collect();
+    let config = match Config::load_with(&cli, &|name| std::env::var(name).ok(), &names) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("belfry-node: {e}");

@@ -110,6 +110,11 @@ impl Node {
             node_id.clone(),
             ttl,
         ));
+        background.spawn(crate::leader_watch::run(
+            redis.clone(),
+            keys.clone(),
+            stop.clone(),
+        ));
         let occupancy = RedisOccupancy::start(redis.clone(), keys, node_id.clone(), stop.clone());
         tokio::spawn(count_reconnects(redis, stop.clone()));
         tracing::info!(node_id, "cluster mode over Redis");

@@ -233,6 +233,8 @@ def check_semantics(docs: list[dict], values: dict) -> str:
     assert vol["secret"]["items"][0]["path"] == "belfry.toml"
     env = {e["name"]: e for e in c["env"]}
     assert "secretKeyRef" in env["BELFRY_REDIS_URL"]["valueFrom"], "Redis URL must come from a Secret"
+    prefix = merged["redis"].get("prefix") or "belfry"
+    assert env["BELFRY_REDIS_PREFIX"]["value"] == prefix, f"node redis prefix {env['BELFRY_REDIS_PREFIX']}"
     # The edge limits reach the node as BELFRY_* variables, whichever way the file is given.
     edge = merged["config"]["edge"]
     for var, key in [("BELFRY_MAX_CONNECTIONS_PER_IP", "maxConnectionsPerIp"),
@@ -303,6 +305,9 @@ def check_semantics(docs: list[dict], values: dict) -> str:
         cc = co["spec"]["template"]["spec"]["containers"][0]
         assert cc["command"] == ["belfry-coordinator"], cc["command"]
         assert any(a.startswith("--redis-url=") for a in cc["args"])
+        cenv = {e["name"]: e for e in cc["env"]}
+        assert cenv["BELFRY_REDIS_PREFIX"]["value"] == (merged["redis"].get("prefix") or "belfry"), \
+            "the coordinator must use the nodes' Redis prefix"
         seen.append(f"coordinator x{co['spec']['replicas']}")
     # Ingress routes to the node Service's http port.
     for ing in by_kind(docs, "Ingress"):

@@ -170,7 +170,7 @@ async fn dispatch(
     let method = req.method().as_str().to_owned();
     let params = signature::query_pairs(req.uri().query().unwrap_or(""));
     let deadline = Duration::from_secs(node.config.body_timeout_secs);
-    let body = read_body(req.into_body(), body_limit(&app), deadline).await?;
+    let body = read_body(req.into_body(), body_limit(&node.config, &app), deadline).await?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -351,8 +351,12 @@ fn path_channel(segment: &str) -> Result<ChannelName, ApiError> {
         .map_err(|e| ApiError::BadRequest(format!("Invalid channel name {name:?}: {e}")))
 }
 
-/// The biggest body an app's limits allow: a full batch of full events.
-fn body_limit(app: &AppRegistry) -> usize {
+/// `max_request_bytes`, or else the biggest body an app's limits allow: a
+/// full batch of full events.
+fn body_limit(config: &crate::config::Config, app: &AppRegistry) -> usize {
+    if config.max_request_bytes != 0 {
+        return config.max_request_bytes;
+    }
     let c = &app.config;
     c.max_batch_size.max(1) * (c.max_payload_bytes + 1024)
         + c.max_channels_per_trigger * 200
