@@ -129,7 +129,7 @@ pub async fn run(node: Arc<Node>, app: Arc<AppRegistry>, stream: TcpStream, earl
         outbox,
         shard: node.registry.assign_shard(),
     };
-    let activity = Duration::from_secs(app.config.activity_timeout);
+    let activity = crate::config::Config::ping_after(&app.config);
     let pong_wait = Duration::from_secs(app.config.pong_timeout);
     let max_message = app.config.max_message_bytes;
     let mut session = Session::new(socket_id, app.config.clone(), Instant::now());

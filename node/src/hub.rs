@@ -581,7 +581,7 @@ mod tests {
     fn random_schedules_keep_the_bus_in_step_with_the_holders() {
         for seed in 1..300u64 {
             let (bus, hub) = hub();
-            let mut rng = Rng(seed * 0x9E37_79B9_7F4A_7C15);
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let mut waiting: Vec<Joining<'_>> = Vec::new();
             let mut joined = 0usize;
             for step in 0..60 {

@@ -4,13 +4,22 @@ const { describe, it } = require('node:test');
 const assert = require('node:assert/strict');
 const h = require('../lib/harness');
 
-const ctx = h.useNode({ apps: [{ id: 'fast', activity_timeout: 1, pong_timeout: 1 }] }, 'keepalive');
+const ctx = h.useNode({ apps: [{ id: 'fast', activity_timeout: 1, pong_timeout: 1 }, { id: 'reverb', activity_timeout: 30, ping_interval: 1, pong_timeout: 1 }] }, 'keepalive');
 
 describe('server keepalive', () => {
   it('announces activity_timeout 1 in connection_established', async () => {
     const { node } = ctx;
     const c = await h.rawClient(node);
     assert.equal(c.activityTimeout, 1);
+  });
+
+  it('ping_interval (Reverb\'s REVERB_APP_PING_INTERVAL) pings a silent socket before activity_timeout', async () => {
+    const { node } = ctx;
+    const c = await h.rawClient(node, node.apps.reverb);
+    assert.equal(c.activityTimeout, 30, 'clients are still told the activity timeout');
+    const start = Date.now();
+    await c.next('pusher:ping', 4000);
+    assert.ok(Date.now() - start < 4000, 'pinged after the ping interval, not after 30 s');
   });
 
   it('a raw socket that never answers gets pusher:ping, then close 4201', async () => {
