@@ -145,17 +145,18 @@ pub async fn consume(
             }
         })
     };
-    let mut claimed = false;
+    // Where XAUTOCLAIM goes on; `None` once the pending entries are all claimed.
+    let mut claim_from = Some("0-0".to_owned());
     while !stop.is_cancelled() {
         let group: Result<Value, Error> = reader.xgroup_create(&queue, GROUP, "0", true).await;
         if let Err(e) = &group {
-            if !e.details().contains("BUSYGROUP") {
+            if !format!("{e:?}").contains("BUSYGROUP") {
                 tracing::warn!(error = %e, "webhook consumer group not created; retrying");
                 tokio::select! { _ = stop.cancelled() => break, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
                 continue;
             }
         }
-        let batch = if claimed {
+        let batch = if claim_from.is_none() {
             reader
                 .xreadgroup::<Value, _, _, _, _>(
                     GROUP,
@@ -184,7 +185,7 @@ pub async fn consume(
                     GROUP,
                     consumer.as_str(),
                     0,
-                    "0-0",
+                    claim_from.clone().unwrap_or_default(),
                     Some(READ_COUNT),
                     false,
                 )
@@ -221,9 +222,7 @@ pub async fn consume(
                     }
                 }
             }
-            if cursor.as_deref().is_none_or(|c| c == "0-0") {
-                claimed = true;
-            }
+            claim_from = cursor.filter(|c| c != "0-0");
         }
         for (id, fields) in entries(batch) {
             let Some(job) = fields.and_then(|f| job_from(&id, f)) else {
