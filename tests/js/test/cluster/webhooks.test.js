@@ -45,7 +45,7 @@ describe('cluster: webhooks', () => {
   it('subscribers come and go on two nodes at once: occupied and vacated alternate, one pair a round', async () => {
     await hookedCluster('alternate');
     const [A, B] = cluster.nodes;
-    const channels = Array.from({ length: 6 }, () => h.uniq('private-flap-'));
+    const channels = Array.from({ length: 6 }, () => h.uniq('flap-'));
     const rounds = 8;
     const samples = [];
     for (let round = 0; round < rounds; round++) {
@@ -77,7 +77,7 @@ describe('cluster: webhooks', () => {
   it('kill -9 of the node holding the last subscriber: the sweep sends channel_vacated', async () => {
     await hookedCluster('crash');
     const [A, B] = cluster.nodes;
-    const name = h.uniq('private-crash-');
+    const name = h.uniq('crash-');
     const a = await h.rawClient(A);
     const b = await h.rawClient(B);
     await a.subscribe(name);
@@ -94,7 +94,7 @@ describe('cluster: webhooks', () => {
     let refuse = true;
     const first = await hookedCluster('takeover', () => (refuse ? 503 : 200), { leaderTtlMs: 2000 });
     const [A] = cluster.nodes;
-    const name = h.uniq('private-pending-');
+    const name = h.uniq('pending-');
     const c = await h.rawClient(A);
     await c.subscribe(name);
     await h.eventually(() => receiver.requests.length >= 1, { timeout: 10000, message: 'the leader tried once' });
