@@ -51,6 +51,12 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Whether publishes are expected to succeed now (readiness).
     fn is_ready(&self) -> bool;
+
+    /// Stops taking envelopes (shutdown). The Redis bus's readers also stop
+    /// on the node's stop token; the in-process bus has nothing to stop.
+    fn close(&self) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// The in-process bus: publishing is delivering.

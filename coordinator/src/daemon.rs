@@ -10,6 +10,7 @@
 //! metrics and health endpoints live in `http`; the binary in `main.rs`
 //! only parses flags and wires these together.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -18,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::keys::Keys;
 use crate::publisher::Publisher;
 use crate::redis::Redis;
+use crate::webhook::{DispatchOptions, Dispatcher, WebhookApps};
+use tokio_util::task::TaskTracker;
 
 mod http;
 mod leader;
@@ -37,6 +40,10 @@ pub struct CoordinatorOptions {
     /// how long a crashed leader leaves the cluster without sweeps. Renewed
     /// every third of it.
     pub leader_ttl: Duration,
+    /// The apps' webhook URLs and secrets (from the nodes' apps TOML).
+    pub webhooks: Arc<WebhookApps>,
+    /// How the leader batches and retries webhooks.
+    pub dispatch: DispatchOptions,
 }
 
 impl Default for CoordinatorOptions {
@@ -45,6 +52,8 @@ impl Default for CoordinatorOptions {
             instance_id: default_instance_id(),
             sweep_interval: Duration::from_millis(1000),
             leader_ttl: Duration::from_millis(5000),
+            webhooks: Arc::default(),
+            dispatch: DispatchOptions::default(),
         }
     }
 }
@@ -107,7 +116,8 @@ impl Coordinator {
         let election = leader::Election::new(&self.redis, &self.keys, &self.options);
         tokio::join!(
             election.campaign(&self.leader, &shutdown),
-            self.sweep_while_leading(&shutdown)
+            self.sweep_while_leading(&shutdown),
+            self.deliver_webhooks_while_leading(&shutdown)
         );
         // Released even if we stepped down after a Redis error: the lock may
         // still be ours, and the script only deletes it if it is.
@@ -146,11 +156,53 @@ impl Coordinator {
         }
     }
 
+    /// While this replica leads, consumes the webhook stream and delivers
+    /// it. Losing the lead stops delivery at once; whatever was read and not
+    /// yet delivered stays pending for the next leader to claim.
+    async fn deliver_webhooks_while_leading(&self, shutdown: &CancellationToken) {
+        let mut leading = self.leadership();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = leading.wait_for(|l| *l) => if changed.is_err() { return },
+            }
+            if self.options.webhooks.is_empty() {
+                // Nodes queue nothing for apps without webhooks; nothing to deliver.
+                return;
+            }
+            tracing::info!("leading: delivering webhooks");
+            let stop = shutdown.child_token();
+            let tasks = TaskTracker::new();
+            let dispatcher = Dispatcher::start(
+                self.options.webhooks.clone(),
+                self.options.dispatch.clone(),
+                stop.clone(),
+                tasks.clone(),
+            );
+            let consumer = crate::webhook::stream::consume(
+                self.redis.clone(),
+                self.keys.clone(),
+                self.options.instance_id.clone(),
+                dispatcher,
+                stop.clone(),
+            );
+            tokio::select! {
+                _ = consumer => {}
+                _ = leading.wait_for(|l| !*l) => {}
+                _ = shutdown.cancelled() => {}
+            }
+            stop.cancel();
+            tasks.close();
+            tasks.wait().await;
+        }
+    }
+
     /// One sweep, leader or not: expired presence, then dead nodes.
     pub async fn sweep_once(&self) -> Result<SweepReport, fred::error::Error> {
         let started = Instant::now();
         let mut report = sweep::sweep_presence(&self.redis, &self.keys, &self.publisher).await?;
-        report.nodes_reaped = sweep::reap_nodes(&self.redis, &self.keys).await?;
+        report.nodes_reaped =
+            sweep::reap_nodes(&self.redis, &self.keys, &self.options.webhooks).await?;
         metrics::counter!("belfry_coordinator_sweeps_total").increment(1);
         if report.presence_removals > 0 || report.connections_expired > 0 || report.nodes_reaped > 0
         {

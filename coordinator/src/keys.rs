@@ -77,6 +77,20 @@ impl Keys {
         self.channel_key(app, channel, ":occupancy")
     }
 
+    /// String: the channel's subscriptions summed over nodes, kept by the
+    /// occupancy scripts so that they see the 0 -> 1 and 1 -> 0 edges.
+    pub fn occupancy_total(&self, app: &str, channel: &str) -> String {
+        self.channel_key(app, channel, ":subs")
+    }
+
+    /// Stream of webhook jobs, consumed by the coordinator's leader. On a
+    /// single Redis the occupancy scripts XADD to it themselves; on a Redis
+    /// Cluster it lives in its own slot and the caller adds the job after the
+    /// script (see docs/webhooks.md).
+    pub fn webhook_queue(&self) -> String {
+        format!("{}:{{webhooks}}:queue", self.prefix)
+    }
+
     /// Set of channel names that some node has subscribers on, per app.
     pub fn channel_index(&self, app: &str) -> String {
         format!("{}:{}:{{index}}:channels", self.prefix, app)
@@ -133,6 +147,7 @@ mod tests {
             k.presence_counts("app", "presence-room"),
             k.presence_expiry("app", "presence-room"),
             k.occupancy("app", "presence-room"),
+            k.occupancy_total("app", "presence-room"),
         ];
         for key in &keys {
             assert_eq!(slot_tag(key), "presence-room", "{key}");

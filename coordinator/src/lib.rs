@@ -22,3 +22,8 @@ pub mod publisher;
 
 pub use publisher::Publisher;
 pub use redis::presence::RedisPresence;
+
+pub mod occupancy;
+pub mod webhook;
+
+pub use occupancy::{LocalOccupancy, Occupancy, OccupancyError};

@@ -12,6 +12,7 @@ use belfry_coordinator::keys::Keys;
 use belfry_coordinator::logging::LogFormat;
 use belfry_coordinator::publisher::Publisher;
 use belfry_coordinator::redis::Redis;
+use belfry_coordinator::webhook::WebhookApps;
 use belfry_coordinator::Envelope;
 use clap::{Args, Parser, Subcommand};
 use fred::interfaces::ClientLike;
@@ -76,6 +77,13 @@ struct RunArgs {
     /// Log format; RUST_LOG filters (e.g. RUST_LOG=belfry_coordinator=debug).
     #[arg(long, env = "BELFRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
+    /// The nodes' TOML configuration file; its `[[apps]]` give the webhook
+    /// URLs and the secrets to sign with. Without it no webhooks are sent.
+    #[arg(long, env = "BELFRY_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    /// How long a refused webhook is retried before it is dropped, in seconds.
+    #[arg(long, env = "BELFRY_WEBHOOK_RETRY_SECS", default_value_t = 600)]
+    webhook_retry_secs: u64,
 }
 
 #[derive(Args)]
@@ -169,6 +177,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(id) = args.instance_id {
         options.instance_id = id;
     }
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let apps = WebhookApps::from_toml(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        options.webhooks = std::sync::Arc::new(apps);
+    }
+    options.dispatch.retry_for = Duration::from_secs(args.webhook_retry_secs);
     let coordinator = Coordinator::new(redis.clone(), Keys::new(&args.redis_prefix), options);
     let shutdown = CancellationToken::new();
 

@@ -87,6 +87,11 @@ pub trait PresenceStore: Send + Sync + 'static {
         app: &str,
         channel: &str,
     ) -> BoxFuture<'static, Result<Vec<PresenceMember>, PresenceError>>;
+
+    /// Stops refreshing this node's memberships (shutdown). Nothing to do in memory.
+    fn close(&self) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 }
 
 #[derive(Default)]

@@ -28,6 +28,7 @@ fn options(id: &str, sweep_ms: u64, ttl_ms: u64) -> CoordinatorOptions {
         instance_id: id.into(),
         sweep_interval: Duration::from_millis(sweep_ms),
         leader_ttl: Duration::from_millis(ttl_ms),
+        ..CoordinatorOptions::default()
     }
 }
 

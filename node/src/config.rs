@@ -143,6 +143,8 @@ pub struct AppConfig {
     /// Cluster mode: also take Laravel's Redis broadcaster messages, which it
     /// PUBLISHes to `{prefix}{channel}` (e.g. "laravel_database_").
     pub laravel_redis_prefix: Option<String>,
+    /// `[[apps.webhooks]]`: URLs that get Pusher's webhooks (docs/webhooks.md).
+    pub webhooks: Vec<belfry_coordinator::webhook::WebhookTarget>,
 }
 
 impl Default for AppConfig {
@@ -168,6 +170,7 @@ impl Default for AppConfig {
             api_requests_per_second: 0,
             cache_ttl_secs: 1_800,
             laravel_redis_prefix: None,
+            webhooks: Vec::new(),
         }
     }
 }
@@ -422,6 +425,9 @@ impl Config {
             }
             if app.key.contains('/') || app.id.contains('/') {
                 return invalid(format!("apps[{i}]: id and key must not contain '/'"));
+            }
+            if let Some(e) = app.webhooks.iter().find_map(|w| w.check().err()) {
+                return invalid(format!("apps[{i}].webhooks: {e}"));
             }
             if app.activity_timeout == 0 {
                 return invalid(format!(

@@ -11,7 +11,12 @@ use belfry_coordinator::redis::bus::RedisBus;
 use belfry_coordinator::redis::occupancy::RedisOccupancy;
 use belfry_coordinator::redis::presence::RedisPresence;
 use belfry_coordinator::redis::Redis;
-use belfry_coordinator::{Bus, CacheTtl, LocalBus, MemoryPresence, PresenceStore};
+use belfry_coordinator::webhook::{
+    DispatchOptions, Dispatcher, NoSink, Sink, WebhookApp, WebhookApps,
+};
+use belfry_coordinator::{
+    Bus, CacheTtl, LocalBus, LocalOccupancy, MemoryPresence, Occupancy, PresenceStore,
+};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -38,14 +43,19 @@ pub struct Node {
     /// readers and health probe), stopped by `stop`.
     background: TaskTracker,
     stop: CancellationToken,
-    /// Cluster mode's shared bookkeeping; `None` on a single node.
-    cluster: Option<Cluster>,
+    /// Subscription and connection counts, cluster-wide in cluster mode;
+    /// the source of the occupied/vacated webhooks.
+    pub occupancy: Arc<dyn Occupancy>,
+    clustered: bool,
 }
 
-/// What a node in cluster mode keeps in Redis besides the bus and presence.
-struct Cluster {
-    occupancy: Arc<RedisOccupancy>,
-    presence: Arc<RedisPresence>,
+/// The shared state behind its traits: in memory on a single node, in Redis
+/// in a cluster.
+struct Stores {
+    bus: Arc<dyn Bus>,
+    presence: Arc<dyn PresenceStore>,
+    occupancy: Arc<dyn Occupancy>,
+    clustered: bool,
 }
 
 /// Why a WebSocket is refused before it starts: the close code, the message
@@ -63,15 +73,25 @@ impl Node {
         let background = TaskTracker::new();
         let registry = Registry::new(&config.apps, config.fanout_shards(), &background, &stop);
         let bus = Arc::new(LocalBus::new(registry.clone(), cache_ttl(&config)));
-        Self::new(
-            config,
-            registry,
+        // A single node delivers its webhooks itself, from an in-process queue.
+        let webhooks = webhook_apps(&config);
+        let sink: Arc<dyn Sink> = if webhooks.is_empty() {
+            Arc::new(NoSink)
+        } else {
+            Arc::new(Dispatcher::start(
+                webhooks,
+                DispatchOptions::default(),
+                stop.clone(),
+                background.clone(),
+            ))
+        };
+        let stores = Stores {
             bus,
-            Arc::new(MemoryPresence::default()),
-            None,
-            stop,
-            background,
-        )
+            presence: Arc::new(MemoryPresence::default()),
+            occupancy: Arc::new(LocalOccupancy::new(sink)),
+            clustered: false,
+        };
+        Self::new(config, registry, stores, stop, background)
     }
 
     /// A node of a cluster over Redis. It starts even while Redis is down
@@ -115,33 +135,38 @@ impl Node {
             keys.clone(),
             stop.clone(),
         ));
-        let occupancy = RedisOccupancy::start(redis.clone(), keys, node_id.clone(), stop.clone());
-        tokio::spawn(count_reconnects(redis, stop.clone()));
+        let occupancy = RedisOccupancy::start(
+            redis.clone(),
+            keys,
+            node_id.clone(),
+            webhook_apps(&config),
+            stop.clone(),
+            &background,
+        );
+        background.spawn(count_reconnects(redis, stop.clone()));
         tracing::info!(node_id, "cluster mode over Redis");
-        let cluster = Cluster {
-            occupancy,
-            presence: presence.clone(),
-        };
-        Ok(Self::new(
-            config,
-            registry,
+        let stores = Stores {
             bus,
             presence,
-            Some(cluster),
-            stop,
-            background,
-        ))
+            occupancy: Arc::new(occupancy),
+            clustered: true,
+        };
+        Ok(Self::new(config, registry, stores, stop, background))
     }
 
     fn new(
         config: Config,
         registry: Arc<Registry>,
-        bus: Arc<dyn Bus>,
-        presence: Arc<dyn PresenceStore>,
-        cluster: Option<Cluster>,
+        stores: Stores,
         stop: CancellationToken,
         background: TaskTracker,
     ) -> Arc<Node> {
+        let Stores {
+            bus,
+            presence,
+            occupancy,
+            clustered,
+        } = stores;
         let hub = Arc::new(Hub::new(bus.clone()));
         background.spawn(hub.clone().run(stop.clone()));
         Arc::new(Node {
@@ -155,27 +180,26 @@ impl Node {
             connections: Mutex::new(HashMap::new()),
             background,
             stop,
-            cluster,
+            occupancy,
+            clustered,
         })
     }
 
     pub fn is_clustered(&self) -> bool {
-        self.cluster.is_some()
+        self.clustered
     }
 
     /// A local subscription began; counted before `subscription_succeeded`.
     pub async fn subscription_added(&self, app: &str, channel: &str) -> Result<(), String> {
-        match &self.cluster {
-            Some(c) => c.occupancy.joined(app, channel).await,
-            None => Ok(()),
-        }
+        self.occupancy
+            .joined(app, channel)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     pub async fn subscription_removed(&self, app: &str, channel: &str) {
-        if let Some(c) = &self.cluster {
-            if let Err(e) = c.occupancy.left(app, channel).await {
-                tracing::warn!(error = %e, "occupancy not updated");
-            }
+        if let Err(e) = self.occupancy.left(app, channel).await {
+            tracing::warn!(error = %e, "occupancy not updated");
         }
     }
 
@@ -185,43 +209,32 @@ impl Node {
         app: &AppRegistry,
         channel: &str,
     ) -> Result<usize, String> {
-        match &self.cluster {
-            Some(c) => {
-                c.occupancy
-                    .subscription_count(&app.config.id, channel)
-                    .await
-            }
-            None => Ok(app.occupancy(channel).subscriptions),
-        }
+        self.occupancy
+            .subscription_count(&app.config.id, channel)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Occupied channels with their subscription counts, cluster-wide in cluster mode.
     pub async fn channels(&self, app: &AppRegistry) -> Result<Vec<(String, usize)>, String> {
-        match &self.cluster {
-            Some(c) => c.occupancy.channels(&app.config.id).await,
-            None => Ok(app
-                .channels()
-                .into_iter()
-                .map(|(name, o)| (name, o.subscriptions))
-                .collect()),
-        }
+        self.occupancy
+            .channels(&app.config.id)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// A connection of `app` ended.
     pub fn release(&self, app: &AppRegistry, reason: &'static str) {
         app.close_connection(reason);
-        if let Some(c) = &self.cluster {
-            c.occupancy.connection_closed(&app.config.id);
-        }
+        self.occupancy.connection_closed(&app.config.id);
     }
 
-    /// After the drain: take this node off the cluster's books and stop the
-    /// Redis tasks.
+    /// After the drain: take this node off the cluster's books (the
+    /// heartbeat stops first) and stop the background tasks.
     pub async fn leave_cluster(&self) {
-        if let Some(c) = &self.cluster {
-            c.occupancy.leave_cluster().await;
-            c.presence.stop();
-        }
+        self.occupancy.close().await;
+        self.presence.close().await;
+        self.bus.close().await;
         self.stop.cancel();
         self.background.close();
         self.background.wait().await;
@@ -257,21 +270,16 @@ impl Node {
             );
         }
         let quota = "Application is over connection quota";
-        if let Some(c) = &self.cluster {
-            // Other nodes' counts are a second old at most: a burst across
-            // nodes can overshoot the quota by what they admitted meanwhile.
-            let max = app.config.max_connections;
-            if max > 0 && app.connections() + c.occupancy.others_connections(&app.config.id) >= max
-            {
-                return refuse(code::OVER_QUOTA, quota, "app_quota");
-            }
+        // Other nodes' counts are a second old at most: a burst across
+        // nodes can overshoot the quota by what they admitted meanwhile.
+        let max = app.config.max_connections;
+        if max > 0 && app.connections() + self.occupancy.others_connections(&app.config.id) >= max {
+            return refuse(code::OVER_QUOTA, quota, "app_quota");
         }
         if !app.try_open_connection() {
             return refuse(code::OVER_QUOTA, quota, "app_quota");
         }
-        if let Some(c) = &self.cluster {
-            c.occupancy.connection_opened(&app.config.id);
-        }
+        self.occupancy.connection_opened(&app.config.id);
         Ok(())
     }
 
@@ -295,6 +303,17 @@ impl Node {
         }
         handles.len()
     }
+}
+
+fn webhook_apps(config: &Config) -> Arc<WebhookApps> {
+    let apps = config.apps.iter().map(|a| WebhookApp {
+        id: a.id.clone(),
+        key: a.key.clone(),
+        secret: a.secret.clone(),
+        webhooks: a.webhooks.clone(),
+    });
+    // The configuration was checked when it was loaded.
+    Arc::new(WebhookApps::new(apps).unwrap_or_default())
 }
 
 fn cache_ttl(config: &Config) -> CacheTtl {

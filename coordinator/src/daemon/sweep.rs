@@ -6,20 +6,16 @@
 //! decides whether a user left, so a user is announced once even if two
 //! sweeps (or a sweep and the node itself) race.
 
-use std::sync::LazyLock;
-
 use fred::prelude::*;
-use fred::types::scripts::Script;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 
 use crate::envelope::Envelope;
 use crate::keys::{parse_index_member, Keys};
 use crate::publisher::Publisher;
+use crate::redis::occupancy::{queue_edge, script_args, REAP};
 use crate::redis::presence::{leave_socket, unindex_if_empty};
 use crate::redis::Redis;
-
-static OCCUPANCY_REAP: LazyLock<Script> =
-    LazyLock::new(|| Script::from_lua(include_str!("../lua/occupancy_reap.lua")));
+use crate::webhook::WebhookApps;
 
 /// Expired connections handled per channel and sweep; the rest wait for the
 /// next sweep, so one enormous channel cannot stall the others.
@@ -199,33 +195,43 @@ async fn sweep_channel(
 
 /// Removes every node whose heartbeat expiry passed: its per-channel
 /// occupancy, its per-app connection counts and its channel list.
-pub(super) async fn reap_nodes(redis: &Redis, keys: &Keys) -> Result<usize, Error> {
+pub(super) async fn reap_nodes(
+    redis: &Redis,
+    keys: &Keys,
+    webhooks: &WebhookApps,
+) -> Result<usize, Error> {
     let now = (crate::envelope::now_us() / 1000) as f64;
     let dead: Vec<String> = redis
         .client
         .zrangebyscore(keys.nodes(), "-inf", now, false, None)
         .await?;
     for node in &dead {
-        reap_node(redis, keys, node).await?;
+        reap_node(redis, keys, webhooks, node).await?;
         metrics::counter!("belfry_coordinator_nodes_reaped_total").increment(1);
     }
     Ok(dead.len())
 }
 
-async fn reap_node(redis: &Redis, keys: &Keys, node: &str) -> Result<(), Error> {
+async fn reap_node(
+    redis: &Redis,
+    keys: &Keys,
+    webhooks: &WebhookApps,
+    node: &str,
+) -> Result<(), Error> {
     let client = &redis.client;
     let channels: Vec<String> = client.smembers(keys.node_channels(node)).await?;
     for member in &channels {
         let Some((app, channel)) = parse_index_member(member) else {
             continue;
         };
-        let still_occupied: i64 = OCCUPANCY_REAP
-            .evalsha_with_reload(
-                client,
-                vec![keys.occupancy(app, channel)],
-                vec![node.to_owned()],
-            )
-            .await?;
+        let (script_keys, argv) =
+            script_args(redis, keys, webhooks, node, app, channel, "channel_vacated");
+        // The dead node held the last subscribers: this is the channel's vacated edge.
+        let (still_occupied, vacated): (i64, i64) =
+            REAP.evalsha_with_reload(client, script_keys, argv).await?;
+        if vacated == 1 {
+            queue_edge(redis, keys, webhooks, app, channel, "channel_vacated").await;
+        }
         if still_occupied == 0 {
             let _: i64 = client.srem(keys.channel_index(app), channel).await?;
         }

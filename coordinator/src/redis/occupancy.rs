@@ -9,6 +9,13 @@
 //! quota can be overshot by what other nodes admitted within that second.
 //! A node that dies stops its heartbeat; the coordinator then removes its
 //! counts. After a Redis restart the heartbeat writes everything back.
+//!
+//! Join, leave, reap and restore are Lua scripts that also keep the
+//! channel's cluster-wide total, so each of them sees whether it took the
+//! total from 0 to 1 (`channel_occupied`) or back to 0 (`channel_vacated`);
+//! only one caller can see each edge. On a single Redis the same script
+//! XADDs the webhook job; on a Redis Cluster the stream is in another slot,
+//! and the caller adds the job right after (`webhook::stream::add`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock};
@@ -16,12 +23,15 @@ use std::time::Duration;
 
 use fred::prelude::*;
 use fred::types::scripts::Script;
+use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::Redis;
 use crate::envelope::now_us;
 use crate::keys::{index_member, Keys};
+use crate::occupancy::{Occupancy, OccupancyError};
+use crate::webhook::{stream, Job, WebhookApps};
 
 /// How often a node says it is alive and exchanges connection counts.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -29,8 +39,67 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// added up at once, and the coordinator deletes them.
 pub const NODE_EXPIRY: Duration = Duration::from_secs(5);
 
+static JOIN: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("../lua/occupancy_join.lua")));
 static LEAVE: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(include_str!("../lua/occupancy_leave.lua")));
+static RESTORE: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("../lua/occupancy_restore.lua")));
+pub(crate) static REAP: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("../lua/occupancy_reap.lua")));
+
+/// Keys and arguments of the occupancy scripts for one channel. `edge` is
+/// the event the script may report, so that nothing is queued for apps
+/// whose URLs do not want it.
+pub(crate) fn script_args(
+    redis: &Redis,
+    keys: &Keys,
+    webhooks: &WebhookApps,
+    node: &str,
+    app: &str,
+    channel: &str,
+    edge: &str,
+) -> (Vec<String>, Vec<String>) {
+    let mut k = vec![
+        keys.occupancy(app, channel),
+        keys.occupancy_total(app, channel),
+    ];
+    if !redis.clustered {
+        k.push(keys.webhook_queue());
+    }
+    let wanted = if webhooks.wants(app, edge, channel) {
+        "1"
+    } else {
+        "0"
+    };
+    let argv = vec![
+        node.to_owned(),
+        wanted.to_owned(),
+        app.to_owned(),
+        channel.to_owned(),
+        stream::MAX_LEN.to_string(),
+    ];
+    (k, argv)
+}
+
+/// After a script reported an edge: on a Redis Cluster, queue its job as a
+/// step of its own (the script could not reach the stream's slot).
+pub(crate) async fn queue_edge(
+    redis: &Redis,
+    keys: &Keys,
+    webhooks: &WebhookApps,
+    app: &str,
+    channel: &str,
+    edge: &str,
+) {
+    if !redis.clustered || !webhooks.wants(app, edge, channel) {
+        return;
+    }
+    if let Err(e) = stream::add(redis, keys, &Job::new(app, channel, edge)).await {
+        metrics::counter!("belfry_webhook_dropped_total", "reason" => "redis").increment(1);
+        tracing::error!(app, channel, edge, error = %e, "webhook job not queued");
+    }
+}
 
 #[derive(Default)]
 struct Local {
@@ -44,11 +113,19 @@ struct Local {
     registered: bool,
 }
 
+/// Cluster-wide occupancy; cheap to clone (the state is shared).
+#[derive(Clone)]
 pub struct RedisOccupancy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     redis: Redis,
     keys: Keys,
     node_id: String,
     local: Mutex<Local>,
+    webhooks: Arc<WebhookApps>,
+    stop: CancellationToken,
 }
 
 fn unavailable(e: Error) -> String {
@@ -60,22 +137,30 @@ impl RedisOccupancy {
         redis: Redis,
         keys: Keys,
         node_id: String,
+        webhooks: Arc<WebhookApps>,
         stop: CancellationToken,
-    ) -> Arc<RedisOccupancy> {
-        let occupancy = Arc::new(RedisOccupancy {
+        tracker: &tokio_util::task::TaskTracker,
+    ) -> RedisOccupancy {
+        // Its own token: `close` stops the heartbeat before the rest of the node.
+        let stop = stop.child_token();
+        let occupancy = Arc::new(Inner {
             redis,
             keys,
             node_id,
             local: Mutex::new(Local::default()),
+            webhooks,
+            stop: stop.clone(),
         });
-        tokio::spawn(heartbeat_task(occupancy.clone(), stop));
-        occupancy
+        tracker.spawn(heartbeat_task(occupancy.clone(), stop));
+        RedisOccupancy { inner: occupancy }
     }
 
     pub fn node_id(&self) -> &str {
-        &self.node_id
+        &self.inner.node_id
     }
+}
 
+impl Inner {
     /// One more local subscription on `channel`.
     pub async fn joined(&self, app: &str, channel: &str) -> Result<(), String> {
         *self
@@ -84,11 +169,31 @@ impl RedisOccupancy {
             .channels
             .entry((app.to_owned(), channel.to_owned()))
             .or_default() += 1;
-        let pipeline = self.redis.client.pipeline();
-        let _: () = pipeline
-            .hincrby(self.keys.occupancy(app, channel), &self.node_id, 1)
+        let (keys, argv) = script_args(
+            &self.redis,
+            &self.keys,
+            &self.webhooks,
+            &self.node_id,
+            app,
+            channel,
+            "channel_occupied",
+        );
+        let occupied: i64 = JOIN
+            .evalsha_with_reload(&self.redis.client, keys, argv)
             .await
             .map_err(unavailable)?;
+        if occupied == 1 {
+            queue_edge(
+                &self.redis,
+                &self.keys,
+                &self.webhooks,
+                app,
+                channel,
+                "channel_occupied",
+            )
+            .await;
+        }
+        let pipeline = self.redis.client.pipeline();
         let _: () = pipeline
             .sadd(self.keys.channel_index(app), channel)
             .await
@@ -121,14 +226,30 @@ impl RedisOccupancy {
                 None => return Ok(()),
             }
         };
-        let remaining: i64 = LEAVE
-            .evalsha_with_reload(
-                &self.redis.client,
-                vec![self.keys.occupancy(app, channel)],
-                vec![self.node_id.clone()],
-            )
+        let (keys, argv) = script_args(
+            &self.redis,
+            &self.keys,
+            &self.webhooks,
+            &self.node_id,
+            app,
+            channel,
+            "channel_vacated",
+        );
+        let (remaining, vacated): (i64, i64) = LEAVE
+            .evalsha_with_reload(&self.redis.client, keys, argv)
             .await
             .map_err(unavailable)?;
+        if vacated == 1 {
+            queue_edge(
+                &self.redis,
+                &self.keys,
+                &self.webhooks,
+                app,
+                channel,
+                "channel_vacated",
+            )
+            .await;
+        }
         if now_empty_here {
             let _: () = self
                 .redis
@@ -263,14 +384,34 @@ impl RedisOccupancy {
             .map(|(k, n)| (k.clone(), *n))
             .collect();
         for chunk in channels.chunks(200) {
-            let pipeline = self.redis.client.pipeline();
             for ((app, channel), n) in chunk {
-                let _: () = pipeline
-                    .hset(
-                        self.keys.occupancy(app, channel),
-                        (self.node_id.as_str(), *n as i64),
-                    )
+                let (keys, mut argv) = script_args(
+                    &self.redis,
+                    &self.keys,
+                    &self.webhooks,
+                    &self.node_id,
+                    app,
+                    channel,
+                    "channel_occupied",
+                );
+                argv.push(n.to_string());
+                let occupied: i64 = RESTORE
+                    .evalsha_with_reload(&self.redis.client, keys, argv)
                     .await?;
+                if occupied == 1 {
+                    queue_edge(
+                        &self.redis,
+                        &self.keys,
+                        &self.webhooks,
+                        app,
+                        channel,
+                        "channel_occupied",
+                    )
+                    .await;
+                }
+            }
+            let pipeline = self.redis.client.pipeline();
+            for ((app, channel), _) in chunk {
                 let _: () = pipeline
                     .sadd(self.keys.channel_index(app), channel.as_str())
                     .await?;
@@ -345,7 +486,7 @@ impl RedisOccupancy {
     }
 }
 
-async fn heartbeat_task(occupancy: Arc<RedisOccupancy>, stop: CancellationToken) {
+async fn heartbeat_task(occupancy: Arc<Inner>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reconnects = occupancy.redis.client.reconnect_rx();
@@ -371,5 +512,65 @@ async fn heartbeat_task(occupancy: Arc<RedisOccupancy>, stop: CancellationToken)
         if let Err(e) = occupancy.beat().await {
             tracing::warn!(error = %e, "heartbeat to Redis failed");
         }
+    }
+}
+
+fn unavailable_err(e: String) -> OccupancyError {
+    OccupancyError::Unavailable(e)
+}
+
+impl Occupancy for RedisOccupancy {
+    fn joined(&self, app: &str, channel: &str) -> BoxFuture<'static, Result<(), OccupancyError>> {
+        let (inner, app, channel) = (self.inner.clone(), app.to_owned(), channel.to_owned());
+        Box::pin(async move { inner.joined(&app, &channel).await.map_err(unavailable_err) })
+    }
+
+    fn left(&self, app: &str, channel: &str) -> BoxFuture<'static, Result<(), OccupancyError>> {
+        let (inner, app, channel) = (self.inner.clone(), app.to_owned(), channel.to_owned());
+        Box::pin(async move { inner.left(&app, &channel).await.map_err(unavailable_err) })
+    }
+
+    fn subscription_count(
+        &self,
+        app: &str,
+        channel: &str,
+    ) -> BoxFuture<'static, Result<usize, OccupancyError>> {
+        let (inner, app, channel) = (self.inner.clone(), app.to_owned(), channel.to_owned());
+        Box::pin(async move {
+            inner
+                .subscription_count(&app, &channel)
+                .await
+                .map_err(unavailable_err)
+        })
+    }
+
+    fn channels(
+        &self,
+        app: &str,
+    ) -> BoxFuture<'static, Result<Vec<(String, usize)>, OccupancyError>> {
+        let (inner, app) = (self.inner.clone(), app.to_owned());
+        Box::pin(async move { inner.channels(&app).await.map_err(unavailable_err) })
+    }
+
+    fn connection_opened(&self, app: &str) {
+        self.inner.connection_opened(app)
+    }
+
+    fn connection_closed(&self, app: &str) {
+        self.inner.connection_closed(app)
+    }
+
+    fn others_connections(&self, app: &str) -> usize {
+        self.inner.others_connections(app)
+    }
+
+    /// Stops the heartbeat first, so that it cannot write back what
+    /// leaving deletes, then takes the node off the books.
+    fn close(&self) -> BoxFuture<'static, ()> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            inner.stop.cancel();
+            inner.leave_cluster().await;
+        })
     }
 }

@@ -287,6 +287,11 @@ impl PresenceStore for RedisPresence {
                 .collect())
         })
     }
+
+    fn close(&self) -> BoxFuture<'static, ()> {
+        self.stop();
+        Box::pin(async {})
+    }
 }
 
 /// Keeps a joined connection in this node's mirror (for refreshes and

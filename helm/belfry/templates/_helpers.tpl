@@ -154,8 +154,14 @@ shutdown_grace_secs = {{ int .Values.config.shutdownGraceSecs }}
 id = {{ $app.id | toString | toJson }}
 key = {{ $app.key | toString | toJson }}
 secret = {{ $app.secret | toString | toJson }}
-{{- range $k, $v := omit $app "id" "key" "secret" }}
+{{- range $k, $v := omit $app "id" "key" "secret" "webhooks" }}
 {{ $k }} = {{ include "belfry.tomlValue" $v }}
+{{- end }}
+{{- range $hook := $app.webhooks }}
+[[apps.webhooks]]
+{{- range $k, $v := $hook }}
+{{ $k }} = {{ include "belfry.tomlValue" $v }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}

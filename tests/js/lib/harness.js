@@ -94,9 +94,14 @@ function toToml(top, apps) {
   }
   for (const app of apps) {
     lines.push('', '[[apps]]');
-    for (const [k, v] of Object.entries(app)) {
+    const { webhooks, ...scalars } = app;
+    for (const [k, v] of Object.entries(scalars)) {
       if (v === undefined || v === null) continue;
       lines.push(`${k} = ${tomlValue(v)}`);
+    }
+    for (const hook of webhooks || []) {
+      lines.push('[[apps.webhooks]]');
+      for (const [k, v] of Object.entries(hook)) lines.push(`${k} = ${tomlValue(v)}`);
     }
   }
   return lines.join('\n') + '\n';
@@ -213,6 +218,7 @@ async function startNode(options = {}) {
   const node = {
     child,
     pid: child.pid,
+    configFile,
     port,
     metricsPort,
     pathPrefix,

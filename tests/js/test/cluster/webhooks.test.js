@@ -1,0 +1,108 @@
+'use strict';
+// Webhooks across a cluster: occupied/vacated decided in Redis, so subscribers coming and going
+// on two nodes at once give one pair per time the cluster-wide count leaves 0 and returns; the
+// coordinator's sweep sends vacated when the node that held the last subscriber is killed; jobs
+// pending when the leader is killed are delivered by the next one.
+const { describe, it, afterEach } = require('node:test');
+const assert = require('node:assert/strict');
+const h = require('../../lib/harness');
+const { startReceiver, percentiles } = require('../../lib/webhook_receiver');
+
+let cluster;
+let receiver;
+afterEach(async () => {
+  await h.cleanupClients();
+  if (cluster) { await cluster.stop(); cluster.saveLogs(`cluster-webhooks-${cluster.label}`); cluster = null; }
+  if (receiver) { await receiver.close(); receiver = null; }
+});
+
+const APP = { id: 'app1', key: 'app1-key', secret: 'app1-secret' };
+
+async function hookedCluster(label, respond, extra = {}) {
+  receiver = await startReceiver(APP, { respond });
+  cluster = await h.startCluster({
+    nodes: 2, coordinator: false, apps: [{ ...APP, webhooks: [{ url: receiver.url }] }], ...extra,
+  });
+  cluster.label = label;
+  const coordinator = await cluster.addCoordinator({ args: ['--config', cluster.nodes[0].configFile] });
+  return coordinator;
+}
+
+/** The names of the accepted events for `channel`, in order, deduplicated by webhook id. */
+function names(channel) {
+  const seen = new Set();
+  const out = [];
+  for (const r of receiver.accepted()) {
+    const id = r.headers['x-belfry-webhook-id'];
+    if (seen.has(id)) continue;
+    seen.add(id);
+    for (const e of r.body.events) if (e.channel === channel) out.push(e.name);
+  }
+  return out;
+}
+
+describe('cluster: webhooks', () => {
+  it('subscribers come and go on two nodes at once: occupied and vacated alternate, one pair a round', async () => {
+    await hookedCluster('alternate');
+    const [A, B] = cluster.nodes;
+    const channels = Array.from({ length: 6 }, () => h.uniq('flap-'));
+    const rounds = 8;
+    const samples = [];
+    for (let round = 0; round < rounds; round++) {
+      const clients = await Promise.all([h.rawClient(A), h.rawClient(B), h.rawClient(A), h.rawClient(B)]);
+      const t0 = Date.now();
+      await Promise.all(channels.flatMap((ch) => clients.map(async (c) => {
+        await h.sleep(Math.random() * 5);
+        await c.subscribe(ch);
+      })));
+      await h.eventually(() => channels.every((ch) => names(ch).length === 2 * round + 1), { timeout: 10000, message: `occupied in round ${round}` });
+      samples.push(Math.max(...receiver.accepted().slice(-1).map((r) => r.at)) - t0);
+      const t1 = Date.now();
+      await Promise.all(channels.flatMap((ch) => clients.map(async (c) => {
+        await h.sleep(Math.random() * 5);
+        c.send({ event: 'pusher:unsubscribe', data: { channel: ch } });
+      })));
+      await h.eventually(() => channels.every((ch) => names(ch).length === 2 * round + 2), { timeout: 10000, message: `vacated in round ${round}` });
+      samples.push(Math.max(...receiver.accepted().slice(-1).map((r) => r.at)) - t1);
+      for (const c of clients) c.close();
+    }
+    await h.sleep(500);
+    for (const ch of channels) {
+      assert.deepEqual(names(ch), Array.from({ length: 2 * rounds }, (_, i) => (i % 2 ? 'channel_vacated' : 'channel_occupied')), ch);
+    }
+    assert.ok(receiver.requests.every((r) => r.valid), 'the pusher SDK accepts every request');
+    console.log(`# webhook latency cluster (ms, transition to POST, last channel of a round): ${JSON.stringify(percentiles(samples))}`);
+  });
+
+  it('kill -9 of the node holding the last subscriber: the sweep sends channel_vacated', async () => {
+    await hookedCluster('crash');
+    const [A, B] = cluster.nodes;
+    const name = h.uniq('crash-');
+    const a = await h.rawClient(A);
+    const b = await h.rawClient(B);
+    await a.subscribe(name);
+    await b.subscribe(name);
+    await h.eventually(() => names(name).length === 1, { message: 'occupied' });
+    b.send({ event: 'pusher:unsubscribe', data: { channel: name } });
+    await b.ping();
+    await A.kill();
+    await h.eventually(() => names(name).length === 2, { timeout: 15000, message: 'vacated after the node died' });
+    assert.deepEqual(names(name), ['channel_occupied', 'channel_vacated']);
+  });
+
+  it('the coordinator killed with jobs pending: the next leader delivers them', async () => {
+    let refuse = true;
+    const first = await hookedCluster('takeover', () => (refuse ? 503 : 200), { leaderTtlMs: 2000 });
+    const [A] = cluster.nodes;
+    const name = h.uniq('pending-');
+    const c = await h.rawClient(A);
+    await c.subscribe(name);
+    await h.eventually(() => receiver.requests.length >= 1, { timeout: 10000, message: 'the leader tried once' });
+    await first.kill();
+    refuse = false;
+    await cluster.addCoordinator({ args: ['--config', cluster.nodes[0].configFile], instanceId: 'second' });
+    await h.eventually(() => names(name).length === 1, { timeout: 20000, message: 'the next leader delivered the pending job' });
+    assert.deepEqual(names(name), ['channel_occupied']);
+    assert.ok(receiver.requests.every((r) => r.valid));
+  });
+});

@@ -1,0 +1,108 @@
+'use strict';
+// Webhooks on a single node: Pusher's format and signature (checked by the official `pusher`
+// SDK), occupied/vacated once per edge, event-type and prefix filters, retries after refusals.
+const { describe, it, afterEach } = require('node:test');
+const assert = require('node:assert/strict');
+const h = require('../lib/harness');
+const { startReceiver, percentiles } = require('../lib/webhook_receiver');
+
+let node;
+let receivers = [];
+afterEach(async () => {
+  await h.cleanupClients();
+  if (node) { await node.stop(); node = null; }
+  for (const r of receivers) await r.close();
+  receivers = [];
+});
+
+async function nodeWithHooks(hooks, appExtra = {}) {
+  const app = { id: 'app1', key: 'app1-key', secret: 'app1-secret', ...appExtra };
+  const made = [];
+  for (const hook of hooks) {
+    const r = await startReceiver(app, hook);
+    made.push(r);
+    receivers.push(r);
+  }
+  node = await h.startNode({
+    apps: [{ ...app, webhooks: hooks.map((hook, i) => ({ url: made[i].url, ...(hook.config || {}) })) }],
+  });
+  return made;
+}
+
+describe('webhooks (single node)', () => {
+  it('channel_occupied and channel_vacated: once per edge, Pusher format, valid signature', async () => {
+    const [r] = await nodeWithHooks([{}]);
+    const name = h.uniq('hook-');
+    const samples = [];
+    for (let round = 0; round < 5; round++) {
+      const a = await h.rawClient(node);
+      const b = await h.rawClient(node);
+      const t0 = Date.now();
+      await a.subscribe(name);
+      await b.subscribe(name);
+      await h.eventually(() => r.events().length === 2 * round + 1, { message: `occupied of round ${round}` });
+      samples.push(r.events().at(-1).at - t0);
+      a.send({ event: 'pusher:unsubscribe', data: { channel: name } });
+      await a.ping();
+      const t1 = Date.now();
+      b.send({ event: 'pusher:unsubscribe', data: { channel: name } });
+      await h.eventually(() => r.events().length === 2 * round + 2, { message: `vacated of round ${round}` });
+      samples.push(r.events().at(-1).at - t1);
+    }
+    await h.sleep(300);
+    assert.deepEqual(
+      r.events().map((e) => `${e.name} ${e.channel}`),
+      Array.from({ length: 10 }, (_, i) => `${i % 2 ? 'channel_vacated' : 'channel_occupied'} ${name}`),
+    );
+    for (const req of r.requests) {
+      assert.equal(req.method, 'POST');
+      assert.equal(req.valid, true, 'the pusher SDK accepts the signature');
+      assert.equal(req.headers['x-pusher-key'], 'app1-key');
+      assert.match(req.headers['content-type'], /^application\/json/);
+      assert.match(req.headers['x-belfry-webhook-id'], /^[0-9a-f]{16}$/);
+      assert.equal(typeof req.body.time_ms, 'number');
+      for (const e of req.body.events) assert.deepEqual(Object.keys(e).sort(), ['channel', 'name']);
+    }
+    console.log(`# webhook latency single node (ms): ${JSON.stringify(percentiles(samples))}`);
+  });
+
+  it('event_types and channel_prefixes pick what each URL gets', async () => {
+    const [onlyVacated, onlyPresence] = await nodeWithHooks([
+      { config: { event_types: ['channel_vacated'] } },
+      { config: { channel_prefixes: ['presence-'] } },
+    ]);
+    const name = h.uniq('news-');
+    const c = await h.rawClient(node);
+    await c.subscribe(name);
+    c.send({ event: 'pusher:unsubscribe', data: { channel: name } });
+    await h.eventually(() => onlyVacated.events().length === 1, { message: 'vacated' });
+    await h.sleep(300);
+    assert.deepEqual(onlyVacated.events().map((e) => e.name), ['channel_vacated']);
+    assert.equal(onlyPresence.requests.length, 0, 'a public channel is not a presence- channel');
+  });
+
+  it('a receiver that answers 500 three times, then 200, gets the batch once retries succeed', async () => {
+    const [r] = await nodeWithHooks([{ respond: (n) => (n < 3 ? 500 : 200) }]);
+    const name = h.uniq('retry-');
+    const c = await h.rawClient(node);
+    await c.subscribe(name);
+    await h.eventually(() => r.accepted().length === 1, { timeout: 20000, message: 'delivered after three refusals' });
+    assert.equal(r.requests.length, 4);
+    assert.deepEqual(r.requests.map((q) => q.status), [500, 500, 500, 200]);
+    // The same batch each time, with its own time and signature, and one id to deduplicate by.
+    assert.equal(new Set(r.requests.map((q) => q.headers['x-belfry-webhook-id'])).size, 1);
+    assert.equal(new Set(r.requests.map((q) => q.headers['x-pusher-signature'])).size, 4);
+    assert.ok(r.requests.every((q) => q.valid));
+    assert.deepEqual(r.requests.map((q) => q.body.events), Array(4).fill([{ name: 'channel_occupied', channel: name }]));
+  });
+
+  it('an app without webhooks and a broken URL do not slow the sockets', async () => {
+    // Nothing listens on this port: every POST fails; subscriptions still succeed at once.
+    node = await h.startNode({ apps: [{ id: 'app1', webhooks: [{ url: 'http://127.0.0.1:9/hook' }] }] });
+    const c = await h.rawClient(node);
+    for (let i = 0; i < 20; i++) {
+      const sub = await c.subscribe(h.uniq('dead-'));
+      assert.equal(sub.event, 'pusher_internal:subscription_succeeded');
+    }
+  });
+});
