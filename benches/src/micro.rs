@@ -314,7 +314,7 @@ fn signature_benches(plan: &MicroPlan) -> Vec<MicroResult> {
 /// outboxes queue into their own buffers and write to this stream, and a
 /// thread reads and discards what arrives at the other end.
 struct Loopback {
-    stream: Arc<tokio::net::TcpStream>,
+    stream: Arc<belfry_node::tls::Socket>,
     reader: Option<std::thread::JoinHandle<u64>>,
 }
 
@@ -336,7 +336,9 @@ impl Loopback {
         });
         ours.set_nodelay(true)?;
         ours.set_nonblocking(true)?;
-        let stream = Arc::new(tokio::net::TcpStream::from_std(ours)?);
+        let stream = Arc::new(belfry_node::tls::Socket::Plain(
+            tokio::net::TcpStream::from_std(ours)?,
+        ));
         // Learn that the socket is writable, as a served connection has.
         stream.writable().await?;
         Ok(Loopback {

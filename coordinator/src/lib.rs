@@ -6,6 +6,7 @@
 //! so that every byte layout in Redis has exactly one owner.
 
 pub mod bus;
+pub mod channel;
 pub mod dotenv;
 pub mod envelope;
 pub mod keys;

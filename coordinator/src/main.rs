@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use belfry_coordinator::channel::check_channel_name;
 use belfry_coordinator::daemon::{self, Coordinator, CoordinatorOptions};
 use belfry_coordinator::keys::Keys;
 use belfry_coordinator::logging::LogFormat;
@@ -56,6 +57,9 @@ struct RunArgs {
     /// Without --redis-url: a Laravel .env whose REDIS_* name the Redis (the environment's REDIS_* win).
     #[arg(long, env = "BELFRY_ENV_FILE")]
     env_file: Option<std::path::PathBuf>,
+    /// PEM CA certificate(s) trusted for a rediss:// Redis, besides the system's.
+    #[arg(long, env = "BELFRY_REDIS_TLS_CA")]
+    redis_tls_ca: Option<std::path::PathBuf>,
     /// Prefix of every Belfry key and pub/sub channel; the nodes must use the same.
     #[arg(long, env = "BELFRY_REDIS_PREFIX", default_value = "belfry")]
     redis_prefix: String,
@@ -91,6 +95,9 @@ struct PublishArgs {
     /// Redis the nodes use.
     #[arg(long, env = "BELFRY_REDIS_URL")]
     redis_url: String,
+    /// PEM CA certificate(s) trusted for a rediss:// Redis, besides the system's.
+    #[arg(long, env = "BELFRY_REDIS_TLS_CA")]
+    redis_tls_ca: Option<std::path::PathBuf>,
     /// Prefix of every Belfry key and pub/sub channel; the nodes must use the same.
     #[arg(long, env = "BELFRY_REDIS_PREFIX", default_value = "belfry")]
     redis_prefix: String,
@@ -165,9 +172,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             "--redis-url (or BELFRY_REDIS_URL, or REDIS_* in --env-file) is required: the coordinator works on the cluster's Redis",
         )?,
     };
-    let redis = Redis::connect(&url).context("invalid --redis-url")?;
+    let redis = Redis::connect_with_ca(&url, args.redis_tls_ca.as_deref())
+        .context("cannot use --redis-url")?;
     if !redis.wait_connected(CONNECT_TIMEOUT).await {
-        tracing::warn!("Redis is not reachable yet; retrying in the background");
+        let why = redis.last_error().unwrap_or_else(|| "no answer yet".into());
+        tracing::warn!("Redis is not usable yet ({why}); retrying in the background");
     }
     let mut options = CoordinatorOptions {
         sweep_interval: Duration::from_millis(args.sweep_interval_ms.max(10)),
@@ -239,10 +248,17 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
 }
 
 async fn publish(args: PublishArgs) -> anyhow::Result<()> {
-    let redis = Redis::connect(&args.redis_url).context("invalid --redis-url")?;
+    // Refused before Redis is touched: no client could subscribe to it.
+    if let Some(channel) = &args.channel {
+        check_channel_name(channel)
+            .with_context(|| format!("invalid --channel {channel:?}; nothing was published"))?;
+    }
+    let redis = Redis::connect_with_ca(&args.redis_url, args.redis_tls_ca.as_deref())
+        .context("cannot use --redis-url")?;
     if !redis.wait_connected(CONNECT_TIMEOUT).await {
+        let why = redis.last_error().unwrap_or_else(|| "no answer".into());
         anyhow::bail!(
-            "cannot reach Redis within {}s; nothing was published",
+            "cannot use Redis within {}s ({why}); nothing was published",
             CONNECT_TIMEOUT.as_secs()
         );
     }
@@ -307,6 +323,12 @@ async fn publish_lines(publisher: &Publisher, args: &PublishArgs) -> anyhow::Res
         }
         let line: Line = serde_json::from_str(&line).with_context(|| {
             format!("line {number} is not an event object; nothing was published")
+        })?;
+        check_channel_name(&line.channel).with_context(|| {
+            format!(
+                "line {number}: invalid channel {:?}; nothing was published",
+                line.channel
+            )
         })?;
         let data = match line.data {
             serde_json::Value::String(s) => s,

@@ -34,6 +34,12 @@ pub struct Cli {
     /// Port for WebSockets and the HTTP API [default: 8080].
     #[arg(long, env = "BELFRY_PORT")]
     pub port: Option<u16>,
+    /// PEM certificate chain: the main port then serves wss:// and https:// (with --tls-key). Reloaded on SIGHUP.
+    #[arg(long, env = "BELFRY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "BELFRY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Port for /metrics, /healthz and /readyz; 0 turns it off [default: 9601].
     #[arg(long, env = "BELFRY_METRICS_PORT")]
     pub metrics_port: Option<u16>,
@@ -43,6 +49,9 @@ pub struct Cli {
     /// Prefix of every Belfry Redis key and pub/sub channel; coordinator and publishers must match [default: belfry].
     #[arg(long, env = "BELFRY_REDIS_PREFIX")]
     pub redis_prefix: Option<String>,
+    /// PEM CA certificate(s) trusted for rediss://, besides the system's.
+    #[arg(long, env = "BELFRY_REDIS_TLS_CA")]
+    pub redis_tls_ca: Option<PathBuf>,
     /// Path prefix in front of /app and /apps, e.g. /ws.
     #[arg(long, env = "BELFRY_PATH_PREFIX")]
     pub path_prefix: Option<String>,
@@ -183,9 +192,15 @@ pub struct Config {
     pub port: u16,
     /// 0 turns the metrics listener off.
     pub metrics_port: u16,
+    /// PEM certificate chain; with `tls_key` the main port speaks TLS only (wss://, https://).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     pub path_prefix: String,
     /// Cluster mode when set.
     pub redis_url: Option<String>,
+    /// PEM CA certificate(s) a `rediss://` Redis is verified against, besides the system's roots.
+    pub redis_tls_ca: Option<PathBuf>,
     /// Prefix of every Redis key and pub/sub channel Belfry uses.
     pub redis_prefix: String,
     /// Largest HTTP API request body, in bytes (413 over it); 0 means what
@@ -232,8 +247,11 @@ impl Default for Config {
             host: "127.0.0.1".into(),
             port: 8080,
             metrics_port: 9601,
+            tls_cert: None,
+            tls_key: None,
             path_prefix: String::new(),
             redis_url: None,
+            redis_tls_ca: None,
             redis_prefix: "belfry".into(),
             max_request_bytes: 0,
             node_id: None,
@@ -325,6 +343,15 @@ impl Config {
         }
         if let Some(prefix) = &cli.redis_prefix {
             config.redis_prefix = prefix.clone();
+        }
+        if let Some(cert) = &cli.tls_cert {
+            config.tls_cert = Some(cert.clone());
+        }
+        if let Some(key) = &cli.tls_key {
+            config.tls_key = Some(key.clone());
+        }
+        if let Some(ca) = &cli.redis_tls_ca {
+            config.redis_tls_ca = Some(ca.clone());
         }
         if let Some(prefix) = &cli.path_prefix {
             config.path_prefix = prefix.clone();
@@ -477,6 +504,9 @@ impl Config {
         if self.header_timeout_secs == 0 || self.body_timeout_secs == 0 {
             return invalid("header_timeout_secs and body_timeout_secs must be at least 1".into());
         }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return invalid("tls_cert and tls_key go together: set both, or neither".into());
+        }
         if self.send_queue_frames == 0 {
             return invalid("send_queue_frames must be at least 1".into());
         }
@@ -559,6 +589,9 @@ mod tests {
         let docs = include_str!("../../docs/configuration.md");
         let config = Config {
             redis_url: Some(String::new()),
+            redis_tls_ca: Some(PathBuf::new()),
+            tls_cert: Some(PathBuf::new()),
+            tls_key: Some(PathBuf::new()),
             node_id: Some(String::new()),
             apps: vec![AppConfig {
                 laravel_redis_prefix: Some(String::new()),

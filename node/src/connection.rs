@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::tls::Socket;
 use belfry_coordinator::{Envelope, PresenceError, PresenceMember};
 use bytes::Bytes;
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::node::Node;
@@ -45,12 +45,7 @@ enum Read {
 }
 
 /// Reads what the socket has and decodes it into `out`.
-fn read_into(
-    stream: &TcpStream,
-    decoder: &mut Decoder,
-    max: usize,
-    out: &mut Vec<Incoming>,
-) -> Read {
+fn read_into(stream: &Socket, decoder: &mut Decoder, max: usize, out: &mut Vec<Incoming>) -> Read {
     SCRATCH_BUF.with(|buf| {
         let mut buf = buf.borrow_mut();
         match stream.try_read(&mut buf) {
@@ -68,7 +63,7 @@ fn read_into(
 
 /// After the close frame went out: wait briefly for the client's close (or
 /// EOF) so the close code is not lost to a TCP reset, then drop the socket.
-async fn linger(stream: &TcpStream, outbox: &Outbox) {
+async fn linger(stream: &Socket, outbox: &Outbox) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
         let mut decoder = Decoder::default();
         let mut sink = Vec::new();
@@ -100,7 +95,7 @@ async fn linger(stream: &TcpStream, outbox: &Outbox) {
 
 /// Refuses a connection that was upgraded only to be told why: the
 /// `pusher:error` frame, then the matching close code.
-pub async fn refuse(stream: TcpStream, code: u16, message: &str) {
+pub async fn refuse(stream: Socket, code: u16, message: &str) {
     let stream = Arc::new(stream);
     let outbox = Outbox::new(&stream, 4, None);
     outbox.finish(code, message);
@@ -116,7 +111,7 @@ enum End {
 
 /// Runs an accepted connection to its end. `early` holds bytes the client
 /// sent right behind its handshake.
-pub async fn run(node: Arc<Node>, app: Arc<AppRegistry>, stream: TcpStream, early: Bytes) {
+pub async fn run(node: Arc<Node>, app: Arc<AppRegistry>, stream: Socket, early: Bytes) {
     let stream = Arc::new(stream);
     let socket_id = SocketId::random();
     let outbox = Arc::new(Outbox::new(

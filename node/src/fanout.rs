@@ -243,7 +243,7 @@ mod tests {
     /// A connected pair over loopback: the server side for an outbox, the
     /// client side to read what it was sent (blocking; the flushers run on
     /// the runtime's workers).
-    async fn pair() -> (Arc<tokio::net::TcpStream>, std::net::TcpStream) {
+    async fn pair() -> (Arc<crate::tls::Socket>, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
@@ -255,7 +255,7 @@ mod tests {
         client
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        (Arc::new(server), client)
+        (Arc::new(crate::tls::Socket::Plain(server)), client)
     }
 
     /// Reads unmasked server text frames until `want` arrived.

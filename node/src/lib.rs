@@ -21,4 +21,5 @@ pub mod registry;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod websocket;

@@ -8,6 +8,7 @@ use anyhow::Context;
 use belfry_node::config::{Cli, Config};
 use belfry_node::edge::Edge;
 use belfry_node::node::Node;
+use belfry_node::tls::Tls;
 use belfry_node::{server, shutdown, telemetry};
 use clap::Parser;
 use tokio::net::TcpListener;
@@ -59,8 +60,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => Node::embedded(config),
     };
     let config = &node.config;
+    telemetry::zero_at_start(&config.apps.iter().map(|a| a.id.clone()).collect::<Vec<_>>());
     let edge = Edge::new(config);
 
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = Tls::load(cert, key).map_err(anyhow::Error::msg)?;
+            tracing::info!(cert = %cert.display(), "TLS on the main port: wss:// and https:// only; SIGHUP reloads the certificate");
+            tokio::spawn(
+                tls.clone()
+                    .reload_on_sighup(tokio_util::sync::CancellationToken::new()),
+            );
+            Some(tls)
+        }
+        _ => None,
+    };
     let address = format!("{}:{}", config.host, config.port);
     let listener = TcpListener::bind(&address)
         .await
@@ -71,6 +85,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         edge.clone(),
         listener,
         true,
+        tls.clone(),
         server::main_handler,
     ));
     if config.metrics_port != 0 {
@@ -83,6 +98,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             edge.clone(),
             metrics,
             false,
+            None,
             server::metrics_handler(prometheus),
         ));
     }

@@ -97,11 +97,12 @@ impl Node {
     /// A node of a cluster over Redis. It starts even while Redis is down
     /// (reporting not-ready) and catches up when Redis comes.
     pub async fn clustered(config: Config, redis_url: &str) -> Result<Arc<Node>, String> {
-        let redis = Redis::connect(redis_url)
-            .map_err(|e| format!("invalid Redis URL {redis_url:?}: {e}"))?;
+        let redis = Redis::connect_with_ca(redis_url, config.redis_tls_ca.as_deref())
+            .map_err(|e| format!("cannot use the Redis URL {redis_url:?}: {e}"))?;
         if !redis.wait_connected(Duration::from_secs(5)).await {
+            let why = redis.last_error().unwrap_or_else(|| "no answer yet".into());
             tracing::warn!(
-                "Redis is not reachable yet; serving sockets and reporting not ready until it is"
+                "Redis is not usable yet ({why}); serving sockets and reporting not ready until it is"
             );
         }
         let keys = Keys::new(&config.redis_prefix);

@@ -11,9 +11,9 @@
 use std::io;
 use std::sync::{Arc, Weak};
 
+use crate::tls::Socket;
 use bytes::{Buf, BytesMut};
 use parking_lot::Mutex;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::protocol::{code, SocketId};
@@ -46,7 +46,7 @@ struct State {
 }
 
 pub struct Outbox {
-    stream: Weak<TcpStream>,
+    stream: Weak<Socket>,
     state: Mutex<State>,
     /// Wakes the connection task: a close was requested or the socket blocked.
     pub wake: Notify,
@@ -66,11 +66,7 @@ pub enum Queued {
 }
 
 impl Outbox {
-    pub fn new(
-        stream: &Arc<TcpStream>,
-        max_frames: usize,
-        metrics: Option<Arc<AppMetrics>>,
-    ) -> Self {
+    pub fn new(stream: &Arc<Socket>, max_frames: usize, metrics: Option<Arc<AppMetrics>>) -> Self {
         Self {
             stream: Arc::downgrade(stream),
             state: Mutex::new(State::default()),

@@ -35,6 +35,8 @@ use crate::node::{Node, Refusal};
 use crate::protocol::code;
 use crate::registry::AppRegistry;
 use crate::telemetry;
+use crate::tls::{Socket, Tls};
+use tokio_rustls::server::TlsStream;
 
 type HttpResponse = Response<Full<Bytes>>;
 
@@ -55,6 +57,7 @@ pub async fn serve<F, Fut>(
     edge: Arc<Edge>,
     listener: TcpListener,
     shed: bool,
+    tls: Option<Arc<Tls>>,
     handler: F,
 ) where
     F: Fn(Arc<Node>, Arc<Edge>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -94,6 +97,7 @@ pub async fn serve<F, Fut>(
             peer,
             fd: Arc::new(fd),
         };
+        let tls = tls.clone();
         connections.spawn(async move {
             let service_node = node.clone();
             let service = service_fn(move |mut req: Request<Incoming>| {
@@ -101,26 +105,50 @@ pub async fn serve<F, Fut>(
                 let fut = handler(service_node.clone(), edge.clone(), req);
                 async move { Ok::<_, Infallible>(fut.await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                // A client that trickles its request head (slowloris) is
-                // dropped rather than holding a task and a buffer. The
-                // deadline also bounds an idle kept-alive connection.
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = node.shutdown.stopped() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            match tls {
+                None => serve_http(&node, TokioIo::new(stream), service, header_timeout).await,
+                Some(tls) => {
+                    // The handshake shares the request head's deadline.
+                    let handshake =
+                        tokio::time::timeout(header_timeout, tls.acceptor().accept(stream));
+                    match handshake.await {
+                        Ok(Ok(stream)) => {
+                            serve_http(&node, TokioIo::new(stream), service, header_timeout).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake too slow"),
+                    }
                 }
             }
         });
     }
     connections.close();
+}
+
+/// One HTTP/1.1 connection, plain or TLS, until it ends or the node stops.
+async fn serve_http<IO, S>(node: &Node, io: IO, service: S, header_timeout: Duration)
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = Full<Bytes>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        // A client that trickles its request head (slowloris) is
+        // dropped rather than holding a task and a buffer. The
+        // deadline also bounds an idle kept-alive connection.
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = node.shutdown.stopped() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 /// The main port: WebSockets, the HTTP API and health.
@@ -306,14 +334,20 @@ fn websocket(node: Arc<Node>, edge: &Edge, mut req: Request<Incoming>, key: &str
         // Belfry frames the socket itself (see websocket.rs): take the TCP
         // stream back from hyper, with anything the client already sent.
         let (stream, early) = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => (parts.io.into_inner(), parts.read_buf),
-            Err(_) => {
-                tracing::error!("upgraded connection is not a TCP stream");
-                if let (Ok(()), Some(app)) = (&verdict, &app) {
-                    node.release(app, "error");
+            Ok(parts) => (Socket::Plain(parts.io.into_inner()), parts.read_buf),
+            Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+                Ok(parts) => {
+                    let (tcp, session) = parts.io.into_inner().into_inner();
+                    (Socket::tls(tcp, session), parts.read_buf)
                 }
-                return;
-            }
+                Err(_) => {
+                    tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
+                    if let (Ok(()), Some(app)) = (&verdict, &app) {
+                        node.release(app, "error");
+                    }
+                    return;
+                }
+            },
         };
         match (verdict, app) {
             (Ok(()), Some(app)) => Box::pin(connection::run(node, app, stream, early)).await,

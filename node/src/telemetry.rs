@@ -19,6 +19,63 @@ pub fn install_recorder() -> Option<PrometheusHandle> {
         .ok()
 }
 
+/// Why a handshake can be refused (`belfry_connections_refused_total`).
+pub const REFUSAL_REASONS: [&str; 10] = [
+    "unknown_app",
+    "origin",
+    "app_quota",
+    "capacity",
+    "memory",
+    "protocol",
+    "draining",
+    "ip_connections",
+    "ip_rate",
+    "fd_reserve",
+];
+/// Why a connection closes (`belfry_connections_closed_total`).
+pub const CLOSE_REASONS: [&str; 7] = [
+    "client",
+    "error",
+    "ping_timeout",
+    "slow_consumer",
+    "terminated",
+    "shutdown",
+    "too_large",
+];
+const API_ROUTES: [&str; 6] = [
+    "events",
+    "batch_events",
+    "channels",
+    "channel",
+    "users",
+    "terminate_connections",
+];
+
+/// Registers every series whose label values are known at start, so a
+/// fresh node shows 0 instead of nothing and dashboards and alerts on
+/// `rate()` or `increase()` work from the first scrape. Per-app series are
+/// registered by `AppMetrics::new`.
+pub fn zero_at_start(apps: &[String]) {
+    for reason in REFUSAL_REASONS {
+        counter!("belfry_connections_refused_total", "reason" => reason).absolute(0);
+    }
+    for app in apps {
+        for reason in CLOSE_REASONS {
+            counter!("belfry_connections_closed_total", "app" => app.clone(), "reason" => reason)
+                .absolute(0);
+        }
+        counter!("belfry_rate_limited_total", "app" => app.clone(), "kind" => "api").absolute(0);
+    }
+    for route in API_ROUTES {
+        counter!("belfry_http_requests_total", "route" => route, "status" => "200").absolute(0);
+    }
+    counter!("belfry_redis_reconnects_total").absolute(0);
+    counter!(belfry_coordinator::redis::bus::DISCONNECTS_METRIC).absolute(0);
+    let _ = histogram!("belfry_http_publish_seconds");
+    let _ = histogram!("belfry_bus_lag_seconds");
+    ready(false, false);
+}
+
 /// One app's metric handles.
 pub struct AppMetrics {
     app: String,

@@ -273,6 +273,33 @@ def check_semantics(docs: list[dict], values: dict) -> str:
         assert redis_ref == {"name": merged["redis"]["existingSecret"], "key": merged["redis"]["existingSecretKey"]}
     else:
         assert secrets[redis_ref["name"]]["stringData"][redis_ref["key"]] == merged["redis"]["url"]
+    # rediss:// with a private CA: the CA Secret is mounted where BELFRY_REDIS_TLS_CA points, in every pod.
+    ca_secret = merged["redis"]["tlsCaSecret"]
+    ca_pods = [spec] + [d["spec"]["template"]["spec"] for d in by_kind(docs, "Deployment", "coordinator")]
+    for pod_spec in ca_pods:
+        ctr = pod_spec["containers"][0]
+        ctr_env = {e["name"]: e for e in ctr.get("env", [])}
+        ca_vols = [v for v in pod_spec.get("volumes", []) if v.get("secret", {}).get("secretName") == ca_secret]
+        if ca_secret:
+            assert len(ca_vols) == 1, f"{ctr['name']}: no volume from {ca_secret}"
+            assert ca_vols[0]["secret"]["items"][0]["key"] == merged["redis"]["tlsCaSecretKey"]
+            ca_mount = [m for m in ctr.get("volumeMounts", []) if m["name"] == ca_vols[0]["name"]][0]
+            ca_path = ctr_env["BELFRY_REDIS_TLS_CA"]["value"]
+            assert ca_path == f"{ca_mount['mountPath']}/{ca_vols[0]['secret']['items'][0]['path']}", ca_path
+        else:
+            assert "BELFRY_REDIS_TLS_CA" not in ctr_env and not ca_vols
+    if ca_secret:
+        seen.append(f"redis CA from {ca_secret} in {len(ca_pods)} pod spec(s)")
+    tls_secret = merged["node"]["tlsSecret"]
+    tls_vols = [v for v in spec.get("volumes", []) if v.get("secret", {}).get("secretName") == tls_secret]
+    if tls_secret:
+        assert len(tls_vols) == 1, f"no volume from {tls_secret}"
+        tls_mount = [m for m in c["volumeMounts"] if m["name"] == tls_vols[0]["name"]][0]["mountPath"]
+        assert env["BELFRY_TLS_CERT"]["value"] == f"{tls_mount}/tls.crt", env["BELFRY_TLS_CERT"]
+        assert env["BELFRY_TLS_KEY"]["value"] == f"{tls_mount}/tls.key", env["BELFRY_TLS_KEY"]
+        seen.append(f"node TLS from {tls_secret}")
+    else:
+        assert "BELFRY_TLS_CERT" not in env and "BELFRY_TLS_KEY" not in env and not tls_vols
     # Security: non-root, read-only root.
     assert spec["securityContext"]["runAsNonRoot"] is True and c["securityContext"]["readOnlyRootFilesystem"] is True
     # Replicas vs HPA.

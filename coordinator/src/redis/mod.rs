@@ -16,13 +16,17 @@ use std::time::Duration;
 
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
-use fred::types::config::{ConnectionConfig, PerformanceConfig, ReconnectPolicy, ServerConfig};
+use fred::types::config::{
+    ConnectionConfig, PerformanceConfig, ReconnectPolicy, ServerConfig, TlsConfig, TlsConnector,
+    TlsHostMapping,
+};
 
 pub mod bus;
 pub mod occupancy;
 pub mod presence;
 pub mod resp;
 pub mod subscriber;
+pub mod tls;
 
 /// How long one Redis command may take before it is reported as failed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -42,9 +46,23 @@ pub struct Redis {
     /// Redis Cluster: sharded pub/sub (SSUBSCRIBE/SPUBLISH) instead of SUBSCRIBE/PUBLISH.
     pub clustered: bool,
     config: Arc<Config>,
+    /// `rediss://`: what both fred and our pub/sub connections trust.
+    tls: Option<tls::RedisTls>,
     /// Last health probe answered in time.
     healthy: Arc<AtomicBool>,
     subscriber_started: Arc<AtomicBool>,
+    /// What went wrong last on the command connection, worded for the log.
+    last_error: Arc<parking_lot::Mutex<Option<String>>>,
+}
+
+/// A Redis or connection error worded for an operator: refused credentials
+/// are named as such, anything else keeps Redis's own words.
+pub fn describe_error(message: &str) -> String {
+    if subscriber::is_auth_error(message) {
+        format!("Redis refused the credentials (check the username and password in the Redis URL): {message}")
+    } else {
+        message.to_owned()
+    }
 }
 
 impl Redis {
@@ -52,7 +70,30 @@ impl Redis {
     /// starts while Redis is down and reports not-ready until it is back.
     /// `redis://` is one server, `redis-cluster://host:port?node=host:port` a cluster.
     pub fn connect(url: &str) -> Result<Redis, Error> {
+        Self::connect_with_ca(url, None)
+    }
+
+    /// As `connect`; a `rediss://` URL also trusts the PEM CA certificates
+    /// in `tls_ca` besides the system's.
+    pub fn connect_with_ca(url: &str, tls_ca: Option<&std::path::Path>) -> Result<Redis, Error> {
         let mut config = Config::from_url(url)?;
+        let tls = if tls::url_uses_tls(url) {
+            let tls = tls::RedisTls::new(tls_ca).map_err(|e| Error::new(ErrorKind::Tls, e))?;
+            config.tls = Some(TlsConfig {
+                connector: TlsConnector::from((*tls.0).clone()),
+                // Cluster nodes are reached by the address CLUSTER SLOTS
+                // gives, but their certificate names the URL's host.
+                hostnames: TlsHostMapping::DefaultHost,
+            });
+            Some(tls)
+        } else {
+            if tls_ca.is_some() {
+                tracing::warn!(
+                    "redis_tls_ca is set but the Redis URL is not rediss://; it is not used"
+                );
+            }
+            None
+        };
         // Keep retrying a first connection that fails too: a node or the
         // coordinator started before Redis must connect once Redis is up.
         config.fail_fast = false;
@@ -73,14 +114,32 @@ impl Redis {
             });
         let client = builder.build()?;
         let subscriber = builder.build_subscriber_client()?;
+        let last_error = Arc::new(parking_lot::Mutex::new(None::<String>));
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let last = last_error.clone();
+            // fred retries quietly; each new kind of failure is logged once,
+            // so a wrong password or a TLS mismatch is visible at once.
+            client.on_error(move |(error, server)| {
+                let text = describe_error(&error.to_string());
+                let server = server.map(|s| s.to_string()).unwrap_or_default();
+                let mut last = last.lock();
+                if last.as_deref() != Some(text.as_str()) {
+                    tracing::error!(%server, "Redis connection failed: {text}");
+                    *last = Some(text);
+                }
+                std::future::ready(Ok(()))
+            });
+        }
         client.connect();
         Ok(Redis {
             client,
             subscriber,
             clustered,
             config: shared_config,
+            tls,
             healthy: Arc::new(AtomicBool::new(false)),
             subscriber_started: Arc::new(AtomicBool::new(false)),
+            last_error,
         })
     }
 
@@ -105,6 +164,11 @@ impl Redis {
             self.healthy.store(true, Ordering::Relaxed);
         }
         connected
+    }
+
+    /// The last connection error, for a log line saying why Redis is not usable.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().clone()
     }
 
     pub fn is_connected(&self) -> bool {
@@ -159,6 +223,7 @@ impl Redis {
         subscriber::Endpoint {
             host: host.to_owned(),
             port,
+            tls: self.tls.clone(),
             username: self.config.username.clone(),
             password: self.config.password.clone(),
             database: if self.clustered {

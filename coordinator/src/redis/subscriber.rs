@@ -15,6 +15,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
@@ -25,6 +26,8 @@ use super::resp::{self, Frame, RespError};
 pub struct Endpoint {
     pub host: String,
     pub port: u16,
+    /// TLS (`rediss://`), verified against `host`.
+    pub tls: Option<super::tls::RedisTls>,
     pub username: Option<String>,
     pub password: Option<String>,
     /// `SELECT` after connecting (never on a Redis Cluster).
@@ -43,7 +46,11 @@ pub enum SubscriberError {
     Connect(String, std::io::Error),
     #[error("Redis at {0} did not answer within {1:?}")]
     Timeout(String, Duration),
-    #[error("Redis refused the login (check the password and username in the Redis URL): {0}")]
+    #[error("TLS to Redis at {0} failed: {1}")]
+    Tls(String, std::io::Error),
+    #[error(
+        "Redis refused the credentials (check the password and username in the Redis URL): {0}"
+    )]
     Auth(String),
     #[error("Redis refused SELECT: {0}")]
     Select(String),
@@ -100,7 +107,23 @@ pub async fn connect(
             .await
             .map_err(|e| SubscriberError::Connect(addr.clone(), e))?;
         let _ = tcp.set_nodelay(true);
-        let stream: Box<dyn Stream> = Box::new(tcp);
+        let stream: Box<dyn Stream> = match &endpoint.tls {
+            None => Box::new(tcp),
+            Some(tls) => {
+                // SNI and verification use the host of the URL.
+                let name = ServerName::try_from(endpoint.host.clone()).map_err(|e| {
+                    SubscriberError::Tls(
+                        addr.clone(),
+                        std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+                    )
+                })?;
+                let tls = tokio_rustls::TlsConnector::from(tls.0.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| SubscriberError::Tls(addr.clone(), e))?;
+                Box::new(tls)
+            }
+        };
         let (half, write) = tokio::io::split(stream);
         let mut reader = Reader {
             half,
@@ -116,6 +139,20 @@ pub async fn connect(
             writer.send(&cmd).await?;
             if let Frame::Error(e) = reader.frame().await? {
                 return Err(SubscriberError::Auth(String::from_utf8_lossy(&e).into()));
+            }
+        } else {
+            // Without credentials a server that wants them answers NOAUTH
+            // only to the first command; ask now so the error says so.
+            let mut cmd = Vec::new();
+            resp::encode_command(&mut cmd, &["PING"]);
+            writer.send(&cmd).await?;
+            if let Frame::Error(e) = reader.frame().await? {
+                let e = String::from_utf8_lossy(&e).into_owned();
+                return Err(if is_auth_error(&e) {
+                    SubscriberError::Auth(e)
+                } else {
+                    SubscriberError::Refused(e)
+                });
             }
         }
         if let Some(db) = endpoint.database.filter(|db| *db != 0) {
@@ -163,6 +200,14 @@ impl Reader {
             }
         }
     }
+}
+
+/// Redis's answers to missing or wrong credentials.
+pub fn is_auth_error(message: &str) -> bool {
+    // fred words it "Authentication Error: WRONGPASS ...", Redis itself
+    // "WRONGPASS ..." or "NOAUTH ...".
+    let upper = message.to_ascii_uppercase();
+    upper.contains("WRONGPASS") || upper.contains("NOAUTH") || upper.contains("INVALID PASSWORD")
 }
 
 fn text(frame: &Frame) -> Option<String> {
@@ -237,5 +282,20 @@ mod tests {
             Some(Push::Refused("MOVED 1 x:1".into()))
         );
         assert_eq!(to_push(Frame::Array(vec![bulk("message")])), None);
+    }
+
+    #[test]
+    fn refused_credentials_are_recognised_in_either_wording() {
+        assert!(is_auth_error(
+            "WRONGPASS invalid username-password pair or user is disabled."
+        ));
+        assert!(is_auth_error("NOAUTH Authentication required."));
+        assert!(is_auth_error(
+            "Authentication Error: WRONGPASS invalid username-password pair"
+        ));
+        assert!(!is_auth_error(
+            "LOADING Redis is loading the dataset in memory"
+        ));
+        assert!(!is_auth_error("Connection refused (os error 111)"));
     }
 }

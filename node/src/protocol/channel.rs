@@ -3,8 +3,7 @@
 
 use std::fmt;
 
-pub const MAX_CHANNEL_NAME: usize = 164;
-pub const SERVER_TO_USER_PREFIX: &str = "#server-to-user-";
+pub use belfry_coordinator::channel::{ChannelNameError, MAX_CHANNEL_NAME, SERVER_TO_USER_PREFIX};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelKind {
@@ -19,35 +18,9 @@ pub enum ChannelKind {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ChannelName(Box<str>);
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ChannelNameError {
-    #[error("channel name is empty")]
-    Empty,
-    #[error("channel name is longer than {MAX_CHANNEL_NAME} characters")]
-    TooLong,
-    #[error("channel name has a character outside [A-Za-z0-9_-=@,.;]: {0:?}")]
-    BadCharacter(char),
-}
-
-fn allowed(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '=' | '@' | ',' | '.' | ';')
-}
-
 impl ChannelName {
     pub fn parse(name: &str) -> Result<Self, ChannelNameError> {
-        if name.is_empty() {
-            return Err(ChannelNameError::Empty);
-        }
-        if name.len() > MAX_CHANNEL_NAME {
-            return Err(ChannelNameError::TooLong);
-        }
-        let rest = name.strip_prefix(SERVER_TO_USER_PREFIX).unwrap_or(name);
-        if rest.is_empty() {
-            return Err(ChannelNameError::Empty);
-        }
-        if let Some(bad) = rest.chars().find(|c| !allowed(*c)) {
-            return Err(ChannelNameError::BadCharacter(bad));
-        }
+        belfry_coordinator::channel::check_channel_name(name)?;
         Ok(ChannelName(name.into()))
     }
 

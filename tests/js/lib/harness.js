@@ -172,7 +172,8 @@ function cleanEnv(extra = {}) {
 /**
  * Starts belfry-node with a generated TOML config.
  * options: apps (array of app defs or ids), node (extra top-level settings), redisUrl, args, env,
- *          pathPrefix, metrics (default true), readyTimeout, fdLimit (RLIMIT_NOFILE for the node).
+ *          pathPrefix, metrics (default true), readyTimeout, fdLimit (RLIMIT_NOFILE for the node),
+ *          tls (true when node sets tls_cert/tls_key: https:// and wss:// URLs).
  * Returns { port, metricsPort, apps: {id: app}, app (first), url(), wsUrl(), output(), stop(), kill() }.
  */
 async function startNode(options = {}) {
@@ -227,10 +228,10 @@ async function startNode(options = {}) {
     apps: Object.fromEntries(apps.map((a) => [a.id, a])),
     app: apps[0],
     output: () => out.text,
-    url: (p) => `http://${HOST}:${port}${p}`,
+    url: (p) => `${options.tls ? 'https' : 'http'}://${HOST}:${port}${p}`,
     metricsUrl: (p = '/metrics') => `http://${HOST}:${metricsPort}${p}`,
     wsUrl: (key, query = 'protocol=7&client=js&version=8.4.0&flash=false') =>
-      `ws://${HOST}:${port}${pathPrefix}/app/${key}${query ? `?${query}` : ''}`,
+      `${options.tls ? 'wss' : 'ws'}://${HOST}:${port}${pathPrefix}/app/${key}${query ? `?${query}` : ''}`,
     get alive() { return child.exitCode === null && child.signalCode === null; },
     async stop(graceMs = 4000) {
       await stopChild(child, graceMs);
@@ -248,7 +249,8 @@ async function startNode(options = {}) {
       throw new Error(`belfry-node exited early (code ${child.exitCode}, signal ${child.signalCode}). Config:\n${fs.readFileSync(configFile, 'utf8')}\nOutput:\n${out.text}`);
     }
     try {
-      const res = await fetch(node.url(`${pathPrefix}/up`));
+      // tls: the main port wants the test CA, which fetch cannot be given; the metrics port is plain.
+      const res = await fetch(options.tls ? node.metricsUrl('/healthz') : node.url(`${pathPrefix}/up`));
       if (res.status === 200) { await res.text(); break; }
       await res.text();
     } catch { /* not listening yet */ }

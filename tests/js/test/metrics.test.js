@@ -2,6 +2,8 @@
 // The metrics port: Prometheus text with per-app connection gauges that follow the clients.
 const { describe, it } = require('node:test');
 const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const path = require('node:path');
 const h = require('../lib/harness');
 
 const ctx = h.useNode({ apps: [{ id: 'm1' }, { id: 'm2' }] }, 'metrics');
@@ -17,7 +19,38 @@ async function expectConnections(node, app, n) {
     { timeout: 3000, message: `belfry_connections{app="${app}"} == ${n}` });
 }
 
+/** The node's metric names from docs/operations.md's table (the coordinator's are its own). */
+function documentedNodeMetrics() {
+  const doc = fs.readFileSync(path.join(__dirname, '../../../docs/operations.md'), 'utf8');
+  return [...doc.matchAll(/^\| `(belfry_[a-z_]+)` \| (gauge|counter|histogram) \|/gm)]
+    .map((m) => ({ name: m[1], type: m[2] }))
+    .filter((m) => !m.name.startsWith('belfry_coordinator_'));
+}
+
 describe('metrics', () => {
+  it('a fresh node exposes every documented metric before anything happened, counters at 0', async () => {
+    const node = await h.startNode({ apps: [{ id: 'fresh1' }, { id: 'fresh2' }] });
+    try {
+      const { text } = await h.getMetrics(node);
+      const documented = documentedNodeMetrics();
+      assert.ok(documented.length >= 15, `metric table parsed (${documented.length})`);
+      for (const { name, type } of documented) {
+        const sample = type === 'histogram' ? `${name}_count` : name;
+        assert.notEqual(h.metricValue(text, sample), undefined, `${sample} missing from a fresh node's /metrics`);
+      }
+      for (const app of ['fresh1', 'fresh2']) {
+        assert.equal(h.metricValue(text, 'belfry_connections_closed_total', { app, reason: 'ping_timeout' }), 0, app);
+        assert.equal(h.metricValue(text, 'belfry_rate_limited_total', { app, kind: 'api' }), 0, app);
+        assert.equal(h.metricValue(text, 'belfry_messages_out_total', { app }), 0, app);
+      }
+      for (const reason of ['unknown_app', 'capacity', 'ip_rate', 'fd_reserve']) {
+        assert.equal(h.metricValue(text, 'belfry_connections_refused_total', { reason }), 0, reason);
+      }
+    } finally {
+      await node.stop();
+    }
+  });
+
   it('GET /metrics answers Prometheus text; /healthz and /readyz answer 200 on the metrics port', async () => {
     const { node } = ctx;
     const res = await fetch(node.metricsUrl('/metrics'));

@@ -51,6 +51,24 @@ describe('cluster: coordinator', () => {
     assert.equal(got[1].items.length, 1, 'the --socket-id socket (on B) must not get the second event');
   });
 
+  it('publish refuses an invalid channel name, exits non-zero and publishes nothing', async () => {
+    cluster = await h.startCluster({ nodes: 1, apps: [{ id: 'app1' }] });
+    cluster.label = 'publish-invalid';
+    const [A] = cluster.nodes;
+    const c = h.pusherClient(A);
+    const ch = await h.subscribed(c, 'orders');
+    const got = h.collect(ch, 'Shipped');
+    for (const channel of ['orders with spaces', 'orders\u00e9', '', 'x'.repeat(165)]) {
+      const r = await h.coordinatorPublish({ redisUrl: cluster.redisUrl, app: 'app1', channel, event: 'Shipped', data: {} });
+      assert.notEqual(r.code, 0, `channel ${JSON.stringify(channel)} must be refused`);
+      assert.match(r.stderr, /invalid --channel.*nothing was published/, r.stderr);
+    }
+    const ok = await h.coordinatorPublish({ redisUrl: cluster.redisUrl, app: 'app1', channel: 'orders', event: 'Shipped', data: { n: 1 } });
+    assert.equal(ok.code, 0, ok.stderr);
+    await h.eventually(() => got.items.length === 1, { message: 'the valid publish arrives' });
+    assert.deepEqual(got.items.map((i) => i.data), [{ n: 1 }], 'only the valid publish arrived');
+  });
+
   it('two coordinators: one leader; kill -9 of it, the other leads within ttl + 2 s and still sweeps', async () => {
     const leaderTtlMs = 3000;
     cluster = await h.startCluster({ nodes: 2, presenceTtl: 3, coordinator: false, sweepIntervalMs: 250, leaderTtlMs, apps: [{ id: 'app1' }] });
