@@ -173,7 +173,10 @@ async fn the_publish_command_fails_clearly_without_redis() {
     .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("cannot reach Redis"), "{stderr}");
+    assert!(
+        stderr.contains("cannot use Redis") && stderr.contains("Connection refused"),
+        "{stderr}"
+    );
 }
 
 #[test]
