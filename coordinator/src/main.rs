@@ -166,6 +166,7 @@ fn main() {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     belfry_coordinator::logging::init(args.log_format);
     let prometheus = install_recorder();
+    belfry_coordinator::webhook::zero_metrics();
     let url = match args.redis_url {
         Some(url) => url,
         None => laravel_redis_url(args.env_file.as_deref())?.context(

@@ -73,6 +73,7 @@ pub fn zero_at_start(apps: &[String]) {
     counter!(belfry_coordinator::redis::bus::DISCONNECTS_METRIC).absolute(0);
     let _ = histogram!("belfry_http_publish_seconds");
     let _ = histogram!("belfry_bus_lag_seconds");
+    belfry_coordinator::webhook::zero_metrics();
     ready(false, false);
 }
 

@@ -18,6 +18,18 @@ pub mod stream;
 pub use config::{WebhookApp, WebhookApps, WebhookTarget};
 pub use dispatch::{DispatchOptions, Dispatcher};
 
+/// Registers the webhook metrics at 0, so dashboards show 0 rather than no
+/// data before the first webhook. Call once the recorder is installed.
+pub fn zero_metrics() {
+    metrics::counter!("belfry_webhook_queued_total").absolute(0);
+    metrics::counter!("belfry_webhook_sent_total").absolute(0);
+    metrics::counter!("belfry_webhook_retried_total").absolute(0);
+    for reason in ["retries_exhausted", "queue_full", "trimmed", "redis"] {
+        metrics::counter!("belfry_webhook_dropped_total", "reason" => reason).absolute(0);
+    }
+    let _ = metrics::histogram!("belfry_webhook_latency_seconds");
+}
+
 /// One event for the webhooks: the fields Pusher defines for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
