@@ -29,31 +29,59 @@ use crate::telemetry::AppMetrics;
 /// events drive watchlists. Clients cannot name it (`#` is reserved).
 pub const ONLINE_CHANNEL: &str = "#online";
 
-/// One channel's subscribers in one shard: a list to walk, and an index to
-/// remove from it in constant time.
+/// One channel's subscribers in one shard: a list to walk, and, once the
+/// list is long, an index to remove from it in constant time (most channels
+/// have a handful of subscribers, and an index would double their memory).
 #[derive(Default)]
 pub struct Subscribers {
     list: Vec<ConnHandle>,
-    index: HashMap<SocketId, usize>,
+    index: Option<HashMap<SocketId, usize>>,
 }
 
+/// Lists longer than this get an index.
+const INDEX_FROM: usize = 64;
+
 impl Subscribers {
+    fn position(&self, socket_id: SocketId) -> Option<usize> {
+        match &self.index {
+            Some(index) => index.get(&socket_id).copied(),
+            None => self.list.iter().position(|h| h.socket_id == socket_id),
+        }
+    }
+
     fn insert(&mut self, handle: ConnHandle) -> bool {
-        if self.index.contains_key(&handle.socket_id) {
+        if self.position(handle.socket_id).is_some() {
             return false;
         }
-        self.index.insert(handle.socket_id, self.list.len());
+        if let Some(index) = &mut self.index {
+            index.insert(handle.socket_id, self.list.len());
+        }
         self.list.push(handle);
+        if self.index.is_none() && self.list.len() > INDEX_FROM {
+            let index = self
+                .list
+                .iter()
+                .enumerate()
+                .map(|(at, h)| (h.socket_id, at))
+                .collect();
+            self.index = Some(index);
+        }
         true
     }
 
     fn remove(&mut self, socket_id: SocketId) -> bool {
-        let Some(at) = self.index.remove(&socket_id) else {
+        let Some(at) = self.position(socket_id) else {
             return false;
         };
         self.list.swap_remove(at);
-        if let Some(moved) = self.list.get(at) {
-            self.index.insert(moved.socket_id, at);
+        if let Some(index) = &mut self.index {
+            index.remove(&socket_id);
+            if let Some(moved) = self.list.get(at) {
+                index.insert(moved.socket_id, at);
+            }
+            if self.list.len() < INDEX_FROM / 2 {
+                self.index = None;
+            }
         }
         true
     }
@@ -387,5 +415,50 @@ impl Delivery for Registry {
             };
             self.fanout.deliver(app, envelope).await;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::Outbox;
+    use crate::tls::Socket;
+
+    #[tokio::test]
+    async fn subscribers_stay_consistent_across_the_index_threshold() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let socket = Arc::new(Socket::Plain(stream));
+        let handle = |i: u64| ConnHandle {
+            socket_id: SocketId(i, i),
+            outbox: Arc::new(Outbox::new(&socket, 8, None)),
+            shard: 0,
+        };
+        let mut subs = Subscribers::default();
+        let mut want: Vec<u64> = Vec::new();
+        // Grow past the threshold, shrink below half of it, grow again; remove
+        // in a scrambled order so swap_remove moves entries around.
+        for round in 0..3u64 {
+            for i in 0..150 {
+                let id = round * 1000 + i;
+                assert!(subs.insert(handle(id)));
+                assert!(!subs.insert(handle(id)), "no duplicate of {id}");
+                want.push(id);
+            }
+            let mut k = 7u64;
+            for _ in 0..120 {
+                k = (k * 31 + 17) % want.len() as u64;
+                let id = want.swap_remove(k as usize);
+                assert!(subs.remove(SocketId(id, id)), "{id} was there");
+                assert!(!subs.remove(SocketId(id, id)), "{id} is gone");
+            }
+            let mut have: Vec<u64> = subs.iter().map(|h| h.socket_id.0).collect();
+            have.sort_unstable();
+            let mut sorted = want.clone();
+            sorted.sort_unstable();
+            assert_eq!(have, sorted, "round {round}");
+        }
     }
 }
