@@ -67,7 +67,7 @@ for run in $(seq 1 "$runs"); do
             start_server "$server"
             file="$out/$scenario-$server-$run.json"
             case "$scenario" in
-                ramp) bench ramp --clients 10000 --start-rate 10 --factor 1.5 --step-secs 5 \
+                ramp) bench ramp --clients 10000 --start-rate "${RAMP_START:-10}" --factor "${RAMP_FACTOR:-1.5}" --step-secs 5 \
                     --p99-ms 250 --max-rate 2000 >"$file" ;;
                 fanout1) bench fanout --clients 10000 --rate 1 --duration 10 >"$file" ;;
                 idle) bench idle --clients 19000 >"$file" ;;

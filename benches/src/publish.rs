@@ -135,28 +135,43 @@ impl HttpApi {
         .into_bytes();
         request.extend_from_slice(body);
 
-        if conn.is_none() {
-            let stream = ws::tcp_connect(self.endpoint.addr, None)
-                .await
-                .map_err(|e| format!("api connect: {e}"))?;
-            *conn = Some(HttpConn {
-                stream,
-                buf: BytesMut::with_capacity(1024),
-            });
-        }
-        let Some(c) = conn.as_mut() else {
-            unreachable!("connection was just opened")
-        };
-        let result = tokio::time::timeout(REQUEST_TIMEOUT, c.round_trip(&request)).await;
-        let (status, keep_alive, response) = match result {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                *conn = None;
-                return Err(format!("api: {e}"));
+        // A kept-alive connection the server closed while it sat idle (the
+        // node closes idle ones after `header_timeout_secs`) fails before any
+        // response byte: the request was never read, so it is sent once more
+        // on a fresh connection, as curl does.
+        let mut fresh = conn.is_none();
+        let (status, keep_alive, response) = loop {
+            if conn.is_none() {
+                let stream = ws::tcp_connect(self.endpoint.addr, None)
+                    .await
+                    .map_err(|e| format!("api connect: {e}"))?;
+                *conn = Some(HttpConn {
+                    stream,
+                    buf: BytesMut::with_capacity(1024),
+                });
             }
-            Err(_) => {
-                *conn = None;
-                return Err("api: request timed out".into());
+            let Some(c) = conn.as_mut() else {
+                unreachable!("connection was just opened")
+            };
+            let result = tokio::time::timeout(REQUEST_TIMEOUT, c.round_trip(&request)).await;
+            match result {
+                Ok(Ok(r)) => break r,
+                Ok(Err(e))
+                    if !fresh
+                        && e.kind() == std::io::ErrorKind::UnexpectedEof
+                        && c.buf.is_empty() =>
+                {
+                    *conn = None;
+                    fresh = true;
+                }
+                Ok(Err(e)) => {
+                    *conn = None;
+                    return Err(format!("api: {e}"));
+                }
+                Err(_) => {
+                    *conn = None;
+                    return Err("api: request timed out".into());
+                }
             }
         };
         if !keep_alive {
