@@ -383,10 +383,6 @@ impl Registry {
         self.next_shard.fetch_add(1, Ordering::Relaxed) % self.fanout.shards()
     }
 
-    pub fn shards(&self) -> usize {
-        self.fanout.shards()
-    }
-
     pub fn by_id(&self, id: &str) -> Option<&Arc<AppRegistry>> {
         self.by_id.get(id)
     }
