@@ -36,6 +36,7 @@ run "cargo clippy" cargo clippy --release --workspace --all-targets --locked -- 
 run "rust tests" cargo test --release --workspace --locked
 run "end-to-end (pusher-js, laravel-echo, pusher SDK)" bash -c "cd tests/js && npm test"
 run "HTTP API against docs/openapi.yaml (schemathesis)" bash tests/api/run.sh
+run "fuzz smoke (cargo-fuzz on stable, 30 s per target)" bash fuzz/smoke.sh
 if [ -f benches/smoke.sh ]; then run "belfry-bench smoke" bash benches/smoke.sh; fi
 if [ -f tests/ops/check.sh ]; then run "deployment checks" bash tests/ops/check.sh; fi
 

@@ -118,6 +118,36 @@ impl Envelope {
     }
 }
 
+/// Laravel's Redis broadcaster payload: `{"event", "data", "socket"}`, where
+/// `data` is the event's payload as an object (or a string).
+#[derive(Deserialize)]
+struct LaravelMessage {
+    event: String,
+    #[serde(default)]
+    data: serde_json::Value,
+    #[serde(default)]
+    socket: Option<String>,
+}
+
+impl Envelope {
+    /// The envelope for what Laravel's Redis broadcaster PUBLISHed on
+    /// `channel` (the Pusher channel name, prefix already stripped).
+    pub fn from_laravel(
+        app: &str,
+        channel: &str,
+        payload: &[u8],
+    ) -> Result<Self, serde_json::Error> {
+        let message: LaravelMessage = serde_json::from_slice(payload)?;
+        let data = match message.data {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        let mut envelope = Envelope::event(app, channel, &message.event, data);
+        envelope.socket_id = message.socket.filter(|s| !s.is_empty());
+        Ok(envelope)
+    }
+}
+
 pub fn now_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

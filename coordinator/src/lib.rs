@@ -9,6 +9,7 @@ pub mod bus;
 pub mod channel;
 pub mod dotenv;
 pub mod envelope;
+pub mod fuzzing;
 pub mod keys;
 pub mod logging;
 pub mod presence;

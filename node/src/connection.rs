@@ -188,6 +188,8 @@ pub async fn run(node: Arc<Node>, app: Arc<AppRegistry>, stream: Socket, early: 
                 }
             }
         }
+        // An idle connection should not keep the frame list's buffer.
+        incoming.shrink_to_fit();
         if end.is_some() {
             break;
         }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod connection;
 pub mod edge;
 pub mod fanout;
+pub mod fuzzing;
 pub mod hub;
 pub mod leader_watch;
 pub mod node;

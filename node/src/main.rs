@@ -16,11 +16,13 @@ use tokio::net::TcpListener;
 /// jemalloc, because it gives freed memory back: with glibc's malloc a
 /// burst of half-sent requests left RSS at its peak with nothing in use,
 /// and `max_memory_mb` then refused every new client for minutes.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read at its start: a background thread purges
 /// freed pages after about a second, also while the node is idle.
+#[cfg(feature = "jemalloc")]
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
 pub static malloc_conf: &[u8; 60] =

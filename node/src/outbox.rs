@@ -24,6 +24,11 @@ use crate::websocket;
 /// pin memory to an idle connection.
 const KEEP_CAPACITY: usize = 16 * 1024;
 
+thread_local! {
+    /// Where `send` encodes a reply it writes at once.
+    static SEND_SCRATCH: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+}
+
 /// Why the connection is to close: its close code, message and metric label.
 #[derive(Debug, Clone)]
 pub struct CloseRequest {
@@ -125,9 +130,62 @@ impl Outbox {
     }
 
     /// Queues and writes at once: replies to the connection's own requests.
+    /// With nothing waiting, the frame is written straight from a per-thread
+    /// scratch buffer, so a connection that only ever got its handshake and
+    /// subscription replies holds no write buffer at all; only what the
+    /// socket does not take is kept.
     pub fn send(&self, text: &str) {
-        if self.queue(text) == Queued::NeedsFlush {
-            self.flush();
+        let mut state = self.state.lock();
+        let direct = state.pending.is_empty()
+            && !state.blocked
+            && !state.flush_queued
+            && !state.finished
+            && state.close.is_none();
+        if !direct {
+            drop(state);
+            if self.queue(text) == Queued::NeedsFlush {
+                self.flush();
+            }
+            return;
+        }
+        SEND_SCRATCH.with(|scratch| {
+            let mut frame = scratch.borrow_mut();
+            frame.clear();
+            websocket::encode(&mut frame, websocket::OP_TEXT, text.as_bytes());
+            self.write_direct(&mut state, &frame);
+            if frame.capacity() > KEEP_CAPACITY {
+                *frame = BytesMut::new();
+            }
+        });
+    }
+
+    /// Writes `frame` with nothing queued before it; keeps the rest, as a
+    /// queued frame, if the socket is full.
+    fn write_direct(&self, state: &mut State, mut frame: &[u8]) {
+        let Some(stream) = self.stream.upgrade() else {
+            state.finished = true;
+            return;
+        };
+        while !frame.is_empty() {
+            match stream.try_write(frame) {
+                Ok(0) => {
+                    state.finished = true;
+                    return;
+                }
+                Ok(n) => frame = &frame[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    state.pending.extend_from_slice(frame);
+                    state.frames = 1;
+                    state.blocked = true;
+                    self.wake.notify_one();
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    state.finished = true;
+                    return;
+                }
+            }
         }
     }
 

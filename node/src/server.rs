@@ -350,7 +350,9 @@ fn websocket(node: Arc<Node>, edge: &Edge, mut req: Request<Incoming>, key: &str
             },
         };
         match (verdict, app) {
-            (Ok(()), Some(app)) => Box::pin(connection::run(node, app, stream, early)).await,
+            // Not boxed: the connection lives in this task's own allocation
+            // (one per socket, not two; see docs/benchmarks.md on idle memory).
+            (Ok(()), Some(app)) => connection::run(node, app, stream, early).await,
             (Err(refusal), _) => {
                 Box::pin(connection::refuse(stream, refusal.code, &refusal.message)).await
             }

@@ -11,6 +11,7 @@
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use parking_lot::{Mutex, RwLock};
 use rustls_pki_types::pem::PemObject;
@@ -190,39 +191,58 @@ impl Socket {
     /// Waits until `try_read` may have something. With TLS it also sends
     /// records left over from a write the socket could not take at once.
     pub async fn readable(&self) -> io::Result<()> {
-        match self {
-            Socket::Plain(tcp) => tcp.readable().await,
-            Socket::Tls(s) => loop {
-                let (buffered, unsent) = {
-                    let mut session = s.session.lock();
-                    let buffered = session
-                        .process_new_packets()
-                        .map(|state| state.plaintext_bytes_to_read() > 0)
-                        .unwrap_or(true);
-                    (buffered, session.wants_write())
-                };
-                if buffered {
-                    return Ok(());
-                }
-                if !unsent {
-                    return s.tcp.readable().await;
-                }
-                tokio::select! {
-                    ready = s.tcp.readable() => return ready,
-                    ready = s.tcp.writable() => {
-                        ready?;
-                        let mut session = s.session.lock();
-                        s.send_records(&mut session)?;
-                    }
-                }
-            },
-        }
+        std::future::poll_fn(|cx| self.poll_read_ready(cx)).await
     }
 
     pub async fn writable(&self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_write_ready(cx)).await
+    }
+
+    /// `readable` as a poll. The connection task waits on this and on
+    /// `poll_write_ready` in one `select!` for as long as a socket lives,
+    /// so they are polls rather than stored futures: tokio's `readable()`
+    /// future, wrapped in this enum's TLS loop, was 352 bytes of every idle
+    /// connection. Only one task (the connection's) may wait on a socket.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let s = match self {
+            Socket::Plain(tcp) => return tcp.poll_read_ready(cx),
+            Socket::Tls(s) => s,
+        };
+        loop {
+            let (buffered, unsent) = {
+                let mut session = s.session.lock();
+                let buffered = session
+                    .process_new_packets()
+                    .map(|state| state.plaintext_bytes_to_read() > 0)
+                    .unwrap_or(true);
+                (buffered, session.wants_write())
+            };
+            if buffered {
+                return Poll::Ready(Ok(()));
+            }
+            if unsent {
+                match s.tcp.poll_write_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        // Sends what it can; a full socket clears the write
+                        // readiness, so the next round registers and reads.
+                        let mut session = s.session.lock();
+                        if let Err(e) = s.send_records(&mut session) {
+                            return Poll::Ready(Err(e));
+                        }
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
+                }
+            }
+            return s.tcp.poll_read_ready(cx);
+        }
+    }
+
+    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            Socket::Plain(tcp) => tcp.writable().await,
-            Socket::Tls(s) => s.tcp.writable().await,
+            Socket::Plain(tcp) => tcp.poll_write_ready(cx),
+            Socket::Tls(s) => s.tcp.poll_write_ready(cx),
         }
     }
 }

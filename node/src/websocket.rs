@@ -158,6 +158,12 @@ impl Decoder {
         self.partial.is_empty() && self.message.is_none()
     }
 
+    /// Bytes held for an unfinished frame and an unfinished fragmented
+    /// message: at most a header plus `max`, and `max`.
+    pub fn held_bytes(&self) -> usize {
+        self.partial.len() + self.message.as_ref().map_or(0, |(_, m)| m.len())
+    }
+
     /// Decodes `data` (just read) into complete messages. `max` bounds a
     /// whole message, fragments included.
     pub fn feed(

@@ -103,16 +103,6 @@ pub struct RedisBus {
     shared: Arc<Shared>,
 }
 
-/// Laravel's Redis broadcaster payload.
-#[derive(serde::Deserialize)]
-struct LaravelMessage {
-    event: String,
-    #[serde(default)]
-    data: serde_json::Value,
-    #[serde(default)]
-    socket: Option<String>,
-}
-
 impl RedisBus {
     /// Starts the bus's tasks (one reader per Redis server, the health
     /// probe) on `tasks`; they stop when `stop` is cancelled, and the owner
@@ -263,20 +253,13 @@ impl Shared {
             .laravel
             .iter()
             .find_map(|(app, prefix)| channel.strip_prefix(prefix.as_str()).map(|c| (app, c)))?;
-        let message: LaravelMessage = match serde_json::from_slice(payload) {
-            Ok(m) => m,
+        match Envelope::from_laravel(app, pusher_channel, payload) {
+            Ok(envelope) => Some(envelope),
             Err(e) => {
                 tracing::warn!(channel, error = %e, "dropping a Laravel broadcast that is not JSON");
-                return None;
+                None
             }
-        };
-        let data = match message.data {
-            serde_json::Value::String(s) => s,
-            other => other.to_string(),
-        };
-        let mut envelope = Envelope::event(app, pusher_channel, &message.event, data);
-        envelope.socket_id = message.socket.filter(|s| !s.is_empty());
-        Some(envelope)
+        }
     }
 
     /// The commands the dirty channels of `shard` need now, marking them in

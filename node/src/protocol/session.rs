@@ -5,7 +5,6 @@
 //! Everything a client can get wrong is decided here (auth, channel rules,
 //! client-event policy and rate), so it is all unit-tested without a network.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -93,10 +92,58 @@ impl RateLimit {
     }
 }
 
+/// The channels a connection joined. Most connections join one to a few,
+/// so a vector grown one entry at a time costs an idle connection 40 bytes
+/// where a hash map cost 180; the limit (`max_channels_per_connection`,
+/// 500 by default) keeps a linear search short.
+#[derive(Default)]
+struct Channels(Vec<(ChannelName, Joined)>);
+
+impl Channels {
+    fn position(&self, channel: &ChannelName) -> Option<usize> {
+        self.0.iter().position(|(c, _)| c == channel)
+    }
+
+    fn contains_key(&self, channel: &ChannelName) -> bool {
+        self.position(channel).is_some()
+    }
+
+    fn get(&self, channel: &ChannelName) -> Option<&Joined> {
+        self.position(channel).map(|i| &self.0[i].1)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn insert(&mut self, channel: ChannelName, joined: Joined) {
+        match self.position(&channel) {
+            Some(i) => self.0[i].1 = joined,
+            None => {
+                self.0.reserve_exact(1);
+                self.0.push((channel, joined));
+            }
+        }
+    }
+
+    fn remove(&mut self, channel: &ChannelName) -> Option<Joined> {
+        let i = self.position(channel)?;
+        let joined = self.0.swap_remove(i).1;
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        Some(joined)
+    }
+
+    fn drain(&mut self) -> std::vec::Drain<'_, (ChannelName, Joined)> {
+        self.0.drain(..)
+    }
+}
+
 pub struct Session {
-    socket_id: String,
+    socket_id: SocketId,
     app: Arc<AppConfig>,
-    channels: HashMap<ChannelName, Joined>,
+    channels: Channels,
     user_id: Option<String>,
     watchlist: Vec<String>,
     rate: RateLimit,
@@ -117,9 +164,9 @@ impl Session {
     pub fn new(socket_id: SocketId, app: Arc<AppConfig>, now: Instant) -> Self {
         let rate = RateLimit::new(app.client_event_rate, now);
         Self {
-            socket_id: socket_id.to_string(),
+            socket_id,
             app,
-            channels: HashMap::new(),
+            channels: Channels::default(),
             user_id: None,
             watchlist: Vec::new(),
             rate,
@@ -233,7 +280,7 @@ impl Session {
             None
         };
         if channel.needs_auth() {
-            let message = auth::channel_message(&self.socket_id, name, presence_data);
+            let message = auth::channel_message(&self.socket_id.to_string(), name, presence_data);
             if !auth.is_some_and(|a| {
                 auth::verify_key_signature(&self.app.key, &self.app.secret, &message, a)
             }) {
@@ -305,7 +352,7 @@ impl Session {
     fn signin(&mut self, auth: &str, user_data: &str) -> Vec<Action> {
         let error =
             |code: u16, message: &str| vec![Action::Send(Encode::error(Some(code), message))];
-        let message = auth::signin_message(&self.socket_id, user_data);
+        let message = auth::signin_message(&self.socket_id.to_string(), user_data);
         if !auth::verify_key_signature(&self.app.key, &self.app.secret, &message, auth) {
             return error(code::UNAUTHORIZED, "Invalid signin signature");
         }
