@@ -29,6 +29,31 @@ thread_local! {
     static SEND_SCRATCH: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
 }
 
+/// How far a write that must not wait got.
+enum Wrote {
+    All,
+    /// The socket took this many bytes, then was full.
+    Blocked(usize),
+    /// The socket took this many bytes, then nothing (a zero-length write).
+    Eof(usize),
+    Failed,
+}
+
+/// Writes `buf` until it is out or the socket is full, without waiting.
+fn write_nonblocking(stream: &Socket, buf: &[u8]) -> Wrote {
+    let mut at = 0;
+    while at < buf.len() {
+        match stream.try_write(&buf[at..]) {
+            Ok(0) => return Wrote::Eof(at),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Wrote::Blocked(at),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Wrote::Failed,
+        }
+    }
+    Wrote::All
+}
+
 /// Why the connection is to close: its close code, message and metric label.
 #[derive(Debug, Clone)]
 pub struct CloseRequest {
@@ -161,32 +186,27 @@ impl Outbox {
 
     /// Writes `frame` with nothing queued before it; keeps the rest, as a
     /// queued frame, if the socket is full.
-    fn write_direct(&self, state: &mut State, mut frame: &[u8]) {
+    fn write_direct(&self, state: &mut State, frame: &[u8]) {
         let Some(stream) = self.stream.upgrade() else {
             state.finished = true;
             return;
         };
-        while !frame.is_empty() {
-            match stream.try_write(frame) {
-                Ok(0) => {
-                    state.finished = true;
-                    return;
-                }
-                Ok(n) => frame = &frame[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    state.pending.extend_from_slice(frame);
-                    state.frames = 1;
-                    state.blocked = true;
-                    self.wake.notify_one();
-                    return;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    state.finished = true;
-                    return;
-                }
+        match write_nonblocking(&stream, frame) {
+            Wrote::All => {}
+            Wrote::Blocked(n) => {
+                state.pending.extend_from_slice(&frame[n..]);
+                state.frames = 1;
+                self.block(state);
             }
+            Wrote::Eof(_) | Wrote::Failed => state.finished = true,
         }
+    }
+
+    /// The socket is full: the connection task finishes the write once it
+    /// is writable.
+    fn block(&self, state: &mut State) {
+        state.blocked = true;
+        self.wake.notify_one();
     }
 
     /// Writes what is pending without waiting. If the socket is full, the
@@ -205,25 +225,21 @@ impl Outbox {
             state.finished = true;
             return;
         };
-        while !state.pending.is_empty() {
-            match stream.try_write(&state.pending) {
-                Ok(0) => {
-                    state.finished = true;
-                    break;
-                }
-                Ok(n) => state.pending.advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    state.blocked = true;
-                    self.wake.notify_one();
-                    return;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    // The peer is gone; the reader will see it and clean up.
-                    state.finished = true;
-                    state.pending.clear();
-                    break;
-                }
+        match write_nonblocking(&stream, &state.pending) {
+            Wrote::All => state.pending.clear(),
+            Wrote::Blocked(n) => {
+                state.pending.advance(n);
+                self.block(state);
+                return;
+            }
+            Wrote::Eof(n) => {
+                state.pending.advance(n);
+                state.finished = true;
+            }
+            Wrote::Failed => {
+                // The peer is gone; the reader will see it and clean up.
+                state.finished = true;
+                state.pending.clear();
             }
         }
         state.frames = 0;
