@@ -53,9 +53,11 @@ pub trait Occupancy: Send + Sync + 'static {
     fn close(&self) -> BoxFuture<'static, ()>;
 }
 
-/// Occupancy of one node, in memory.
+/// Occupancy of one node, in memory: app -> channel -> subscriptions. Nested
+/// so each channel costs one name allocation (an idle node may hold one
+/// channel per connection).
 pub struct LocalOccupancy {
-    channels: Mutex<HashMap<(String, String), usize>>,
+    channels: Mutex<HashMap<Box<str>, HashMap<Box<str>, usize>>>,
     sink: Arc<dyn Sink>,
 }
 
@@ -68,24 +70,36 @@ impl LocalOccupancy {
     }
 
     fn join_now(&self, app: &str, channel: &str) -> bool {
-        let mut channels = self.channels.lock();
-        let n = channels
-            .entry((app.to_owned(), channel.to_owned()))
-            .or_default();
-        *n += 1;
-        *n == 1
+        let mut apps = self.channels.lock();
+        if !apps.contains_key(app) {
+            apps.insert(app.into(), HashMap::new());
+        }
+        let Some(channels) = apps.get_mut(app) else {
+            return false;
+        };
+        if let Some(n) = channels.get_mut(channel) {
+            *n += 1;
+            return false;
+        }
+        channels.insert(channel.into(), 1);
+        true
     }
 
     fn leave_now(&self, app: &str, channel: &str) -> bool {
-        let mut channels = self.channels.lock();
-        let key = (app.to_owned(), channel.to_owned());
-        match channels.get_mut(&key) {
+        let mut apps = self.channels.lock();
+        let Some(channels) = apps.get_mut(app) else {
+            return false;
+        };
+        match channels.get_mut(channel) {
             Some(n) if *n > 1 => {
                 *n -= 1;
                 false
             }
             Some(_) => {
-                channels.remove(&key);
+                channels.remove(channel);
+                if channels.is_empty() {
+                    apps.remove(app);
+                }
                 true
             }
             None => false,
@@ -120,7 +134,8 @@ impl Occupancy for LocalOccupancy {
         let n = self
             .channels
             .lock()
-            .get(&(app.to_owned(), channel.to_owned()))
+            .get(app)
+            .and_then(|channels| channels.get(channel))
             .copied()
             .unwrap_or(0);
         ready(Ok(n))
@@ -133,10 +148,9 @@ impl Occupancy for LocalOccupancy {
         let out = self
             .channels
             .lock()
-            .iter()
-            .filter(|((a, _), _)| a == app)
-            .map(|((_, c), n)| (c.clone(), *n))
-            .collect();
+            .get(app)
+            .map(|channels| channels.iter().map(|(c, n)| (c.to_string(), *n)).collect())
+            .unwrap_or_default();
         ready(Ok(out))
     }
 

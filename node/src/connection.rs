@@ -111,7 +111,17 @@ enum End {
 
 /// Runs an accepted connection to its end. `early` holds bytes the client
 /// sent right behind its handshake.
-pub async fn run(node: Arc<Node>, app: Arc<AppRegistry>, stream: Socket, early: Bytes) {
+///
+/// Not an `async fn`: everything that is needed only to start (the socket
+/// before it is shared, `early`, the app's timings) is used here, before the
+/// future exists, so none of it takes room in the state every idle
+/// connection keeps for its whole life (docs/benchmarks.md, idle memory).
+pub fn run(
+    node: Arc<Node>,
+    app: Arc<AppRegistry>,
+    stream: Socket,
+    early: Bytes,
+) -> impl std::future::Future<Output = ()> + Send {
     let stream = Arc::new(stream);
     let socket_id = SocketId::random();
     let outbox = Arc::new(Outbox::new(
@@ -124,136 +134,161 @@ pub async fn run(node: Arc<Node>, app: Arc<AppRegistry>, stream: Socket, early: 
         outbox,
         shard: node.registry.assign_shard(),
     };
-    let activity = crate::config::Config::ping_after(&app.config);
-    let pong_wait = Duration::from_secs(app.config.pong_timeout);
-    let max_message = app.config.max_message_bytes;
-    let mut session = Session::new(socket_id, app.config.clone(), Instant::now());
-    let conn = Conn {
-        node: node.clone(),
-        app: app.clone(),
-        handle: handle.clone(),
-        online_held: AtomicBool::new(false),
-    };
+    let session = Session::new(socket_id, app.config.clone(), Instant::now());
     node.track(handle.clone());
     handle.send(
         Encode::connection_established(&socket_id.to_string(), app.config.activity_timeout)
             .as_str(),
     );
-
     let mut decoder = Decoder::default();
     let mut incoming = Vec::new();
-    let mut end = None;
+    let mut early_end = None;
     if !early.is_empty() {
-        if let Err(v) = decoder.feed(&early, max_message, &mut incoming) {
-            end = Some(violation(v, max_message));
+        if let Err(v) = decoder.feed(&early, app.config.max_message_bytes, &mut incoming) {
+            early_end = Some(Box::new(violation(v, app.config.max_message_bytes)));
         }
     }
-    // `early` may share hyper's whole read buffer; keeping it would pin
-    // kilobytes to every idle connection.
+    // `early` may share hyper's whole read buffer; it is dropped here, so
+    // it pins nothing to an idle connection.
     drop(early);
-    let idle = tokio::time::sleep(activity);
-    tokio::pin!(idle);
-    let mut pinged = false;
-
-    while end.is_none() {
-        for message in incoming.drain(..) {
-            match message {
-                Incoming::Text(text) => {
-                    app.metrics.messages_in.increment(1);
-                    app.metrics.bytes_in.increment(text.len() as u64);
-                    let limited = session.rate_limited();
-                    let actions = session.on_text(&text, Instant::now());
-                    if session.rate_limited() > limited {
-                        app.metrics.client_event_rate_limited.increment(1);
-                    }
-                    // Boxed: acting on a frame needs a large future, and an
-                    // idle connection should not carry it.
-                    Box::pin(conn.carry_out(&mut session, actions)).await;
-                }
-                Incoming::Binary => handle.send(
-                    Encode::error(None, "Binary frames are not part of the Pusher protocol")
-                        .as_str(),
-                ),
-                Incoming::Ping(payload) => {
-                    if handle.outbox.queue_frame(websocket::OP_PONG, &payload)
-                        == crate::outbox::Queued::NeedsFlush
-                    {
-                        handle.outbox.flush();
-                    }
-                }
-                Incoming::Pong => {}
-                Incoming::Close => {
-                    end = Some(End::Client);
-                    break;
-                }
-            }
-        }
-        // An idle connection should not keep the frame list's buffer.
-        incoming.shrink_to_fit();
-        if end.is_some() {
-            break;
-        }
-        if let Some(close) = handle.outbox.close_request() {
-            end = Some(End::Closed(close.code, close.message, close.reason));
-            break;
-        }
-        let blocked = handle.outbox.is_blocked();
-        tokio::select! {
-            biased;
-            _ = handle.outbox.wake.notified() => {}
-            ready = stream.writable(), if blocked => {
-                if ready.is_err() {
-                    end = Some(End::Error);
-                } else {
-                    handle.outbox.resume();
-                }
-            }
-            ready = stream.readable() => {
-                if ready.is_err() {
-                    end = Some(End::Error);
-                    continue;
-                }
-                match read_into(&stream, &mut decoder, max_message, &mut incoming) {
-                    // Only a whole frame counts as activity: a frame
-                    // trickled byte by byte must not keep a socket alive.
-                    Read::Data if !incoming.is_empty() => {
-                        idle.as_mut().reset(tokio::time::Instant::now() + activity);
-                        pinged = false;
-                    }
-                    Read::Data => {}
-                    Read::WouldBlock => {}
-                    Read::Eof => end = Some(End::Error),
-                    Read::Violation(v) => end = Some(violation(v, max_message)),
-                }
-            }
-            _ = &mut idle => {
-                if pinged {
-                    end = Some(End::Closed(code::PONG_TIMEOUT, "Pong reply not received in time".into(), "ping_timeout"));
-                } else {
-                    pinged = true;
-                    handle.send(Encode::ping().as_str());
-                    idle.as_mut().reset(tokio::time::Instant::now() + pong_wait);
-                }
-            }
-        }
-    }
-
-    let reason = match end {
-        Some(End::Closed(code, message, reason)) => {
-            handle.outbox.finish(code, &message);
-            Box::pin(linger(&stream, &handle.outbox)).await;
-            reason
-        }
-        Some(End::Client) => {
-            handle.outbox.finish(1000, "");
-            "client"
-        }
-        Some(End::Error) | None => "error",
+    let conn = Conn {
+        node,
+        app,
+        handle,
+        online_held: AtomicBool::new(false),
     };
-    Box::pin(conn.leave_all(&mut session)).await;
-    node.untrack(socket_id);
-    node.release(&app, reason);
-    tracing::debug!(app = %app.config.id, socket_id = %socket_id, reason, "connection closed");
+    serve(conn, stream, session, decoder, incoming, early_end)
+}
+
+/// The connection's life past its start. An `async` block, not an `async
+/// fn`, so its inputs are held once (an `async fn` keeps its arguments and
+/// a moved copy of each).
+fn serve(
+    conn: Conn,
+    stream: Arc<Socket>,
+    mut session: Session,
+    mut decoder: Decoder,
+    mut incoming: Vec<Incoming>,
+    early_end: Option<Box<End>>,
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let activity = crate::config::Config::ping_after(&conn.app.config);
+        let mut idle = std::pin::pin!(tokio::time::sleep(activity));
+        let mut pinged = false;
+        // `end` is used up (in this block) before anything is awaited, so it
+        // takes no room beside the loop's state.
+        let (reason, close_handshake) = {
+            let end = match early_end {
+                Some(end) => *end,
+                None => loop {
+                    let mut closed = false;
+                    for message in incoming.drain(..) {
+                        match message {
+                            Incoming::Text(text) => {
+                                conn.app.metrics.messages_in.increment(1);
+                                conn.app.metrics.bytes_in.increment(text.len() as u64);
+                                let limited = session.rate_limited();
+                                let actions = session.on_text(&text, Instant::now());
+                                if session.rate_limited() > limited {
+                                    conn.app.metrics.client_event_rate_limited.increment(1);
+                                }
+                                // Boxed: acting on a frame needs a large future, and
+                                // an idle connection should not carry it.
+                                Box::pin(conn.carry_out(&mut session, actions)).await;
+                            }
+                            Incoming::Binary => conn.handle.send(
+                                Encode::error(
+                                    None,
+                                    "Binary frames are not part of the Pusher protocol",
+                                )
+                                .as_str(),
+                            ),
+                            Incoming::Ping(payload) => {
+                                let outbox = &conn.handle.outbox;
+                                if outbox.queue_frame(websocket::OP_PONG, &payload)
+                                    == crate::outbox::Queued::NeedsFlush
+                                {
+                                    outbox.flush();
+                                }
+                            }
+                            Incoming::Pong => {}
+                            Incoming::Close => {
+                                closed = true;
+                                break;
+                            }
+                        }
+                    }
+                    // An idle connection should not keep the frame list's buffer.
+                    incoming.shrink_to_fit();
+                    if closed {
+                        break End::Client;
+                    }
+                    let outbox = &conn.handle.outbox;
+                    if let Some(close) = outbox.close_request() {
+                        break End::Closed(close.code, close.message, close.reason);
+                    }
+                    let blocked = outbox.is_blocked();
+                    tokio::select! {
+                        biased;
+                        _ = outbox.wake.notified() => {}
+                        ready = stream.writable(), if blocked => {
+                            if ready.is_err() {
+                                break End::Error;
+                            }
+                            outbox.resume();
+                        }
+                        ready = stream.readable() => {
+                            if ready.is_err() {
+                                break End::Error;
+                            }
+                            let max = conn.app.config.max_message_bytes;
+                            match read_into(&stream, &mut decoder, max, &mut incoming) {
+                                // Only a whole frame counts as activity: a frame
+                                // trickled byte by byte must not keep a socket alive.
+                                Read::Data if !incoming.is_empty() => {
+                                    let activity = crate::config::Config::ping_after(&conn.app.config);
+                                    idle.as_mut().reset(tokio::time::Instant::now() + activity);
+                                    pinged = false;
+                                }
+                                Read::Data | Read::WouldBlock => {}
+                                Read::Eof => break End::Error,
+                                Read::Violation(v) => break violation(v, max),
+                            }
+                        }
+                        _ = &mut idle => {
+                            if pinged {
+                                break End::Closed(code::PONG_TIMEOUT, "Pong reply not received in time".into(), "ping_timeout");
+                            }
+                            pinged = true;
+                            conn.handle.send(Encode::ping().as_str());
+                            let pong_wait = Duration::from_secs(conn.app.config.pong_timeout);
+                            idle.as_mut().reset(tokio::time::Instant::now() + pong_wait);
+                        }
+                    }
+                },
+            };
+
+            match end {
+                End::Closed(code, message, reason) => {
+                    conn.handle.outbox.finish(code, &message);
+                    (reason, true)
+                }
+                End::Client => {
+                    conn.handle.outbox.finish(1000, "");
+                    ("client", false)
+                }
+                End::Error => ("error", false),
+            }
+        };
+        if close_handshake {
+            Box::pin(linger(&stream, &conn.handle.outbox)).await;
+        }
+        Box::pin(conn.leave_all(&mut session)).await;
+        let socket_id = conn.handle.socket_id;
+        conn.node.untrack(socket_id);
+        conn.node.release(&conn.app, reason);
+        tracing::debug!(app = %conn.app.config.id, socket_id = %socket_id, reason, "connection closed");
+    }
 }
 
 fn violation(v: Violation, max: usize) -> End {

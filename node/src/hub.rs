@@ -51,7 +51,25 @@ const SWEEP_EVERY: Duration = Duration::from_millis(250);
 const SHARDS: usize = 16;
 
 type Confirmation = Shared<BoxFuture<'static, Result<(), BusError>>>;
-type Key = (Box<str>, Box<str>);
+/// An app's channel as one allocation, `app NUL channel` (neither part can
+/// hold a NUL): an idle node may hold a channel per connection, and two
+/// boxed strings cost a pointer pair and an allocation more.
+#[derive(PartialEq, Eq, Hash)]
+struct Key(Box<str>);
+
+impl Key {
+    fn new(app: &str, channel: &str) -> Key {
+        let mut s = String::with_capacity(app.len() + 1 + channel.len());
+        s.push_str(app);
+        s.push('\0');
+        s.push_str(channel);
+        Key(s.into_boxed_str())
+    }
+
+    fn parts(&self) -> (&str, &str) {
+        self.0.split_once('\0').unwrap_or((&self.0, ""))
+    }
+}
 
 enum State {
     /// `bus.subscribe` was called and has not answered; `attempt` tells this
@@ -121,7 +139,7 @@ impl Hub {
         channel: &str,
     ) -> impl std::future::Future<Output = Result<(), BusError>> + Send + '_ {
         let step = self.begin_join(app, channel);
-        let key: Key = (app.into(), channel.into());
+        let key = Key::new(app, channel);
         async move {
             let Step::Wait { attempt, confirmed } = step else {
                 return Ok(());
@@ -134,7 +152,7 @@ impl Hub {
 
     fn begin_join(&self, app: &str, channel: &str) -> Step {
         let mut shard = self.shard(app, channel).lock();
-        match shard.entry((app.into(), channel.into())) {
+        match shard.entry(Key::new(app, channel)) {
             Entry::Vacant(slot) => {
                 let (attempt, confirmed) = self.subscribe(app, channel);
                 slot.insert(Channel {
@@ -174,7 +192,8 @@ impl Hub {
     /// to get here does, and an answer to an attempt that is no longer
     /// current changes nothing.
     fn settle(&self, key: &Key, attempt: u64, outcome: &Result<(), BusError>) {
-        let mut shard = self.shard(&key.0, &key.1).lock();
+        let (app, channel) = key.parts();
+        let mut shard = self.shard(app, channel).lock();
         let Some(c) = shard.get_mut(key) else {
             return;
         };
@@ -193,7 +212,7 @@ impl Hub {
                 // and each of them now hears the error: none holds any more.
                 shard.remove(key);
                 // The bus may still mean to subscribe (or retry) this one.
-                self.bus.unsubscribe(&key.0, &key.1);
+                self.bus.unsubscribe(app, channel);
             }
         }
     }
@@ -202,7 +221,7 @@ impl Hub {
     /// the channel lingering, subscribed, until the sweep lets go of it.
     pub fn leave(&self, app: &str, channel: &str) {
         let mut shard = self.shard(app, channel).lock();
-        let key: Key = (app.into(), channel.into());
+        let key = Key::new(app, channel);
         let Some(c) = shard.get_mut(&key) else {
             tracing::debug!(app, channel, "hub: leave without a hold");
             return;
@@ -222,8 +241,9 @@ impl Hub {
         let mut released = 0;
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
-            shard.retain(|(app, channel), c| match c.state {
+            shard.retain(|key, c| match c.state {
                 State::Lingering { since } if now.duration_since(since) >= self.linger => {
+                    let (app, channel) = key.parts();
                     self.bus.unsubscribe(app, channel);
                     released += 1;
                     false
@@ -249,7 +269,7 @@ impl Hub {
 
     /// Holders of `channel` (joined or joining), for tests and metrics.
     pub fn holders(&self, app: &str, channel: &str) -> usize {
-        let key: Key = (app.into(), channel.into());
+        let key = Key::new(app, channel);
         self.shard(app, channel)
             .lock()
             .get(&key)

@@ -316,47 +316,35 @@ fn websocket(node: Arc<Node>, edge: &Edge, mut req: Request<Incoming>, key: &str
         );
     }
     let upgrade = hyper::upgrade::on(&mut req);
+    // What the socket's task needs, made small before it is captured: the
+    // task's state is kept for the connection's whole life (boxed refusal,
+    // one admitted app rather than a verdict beside an option).
+    let admitted: Result<Arc<AppRegistry>, Box<Refusal>> = match (verdict, app) {
+        (Ok(()), Some(app)) => Ok(app),
+        (Err(refusal), _) => Err(Box::new(refusal)),
+        (Ok(()), None) => return bad_request("Unknown app"),
+    };
+    // Held for the socket's life: its place in the address's count and in
+    // the descriptor budget.
+    let held = (ip_slot, info.map(|i| i.fd));
     let tasks = node.tasks.clone();
     tasks.spawn(async move {
-        // Held for the socket's life: its place in the address's count and
-        // in the descriptor budget.
-        let _held = (ip_slot, info.map(|i| i.fd));
-        let upgraded = match upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(error = %e, "upgrade failed");
-                if let (Ok(()), Some(app)) = (&verdict, &app) {
-                    node.release(app, "error");
-                }
-                return;
+        // Captured, not rebound: a binding would be a second copy in the
+        // task's state. It is dropped when the task ends.
+        let _ = &held;
+        let Some((stream, early)) = take_stream(upgrade).await else {
+            if let Ok(app) = &admitted {
+                node.release(app, "error");
             }
+            return;
         };
-        // Belfry frames the socket itself (see websocket.rs): take the TCP
-        // stream back from hyper, with anything the client already sent.
-        let (stream, early) = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => (Socket::Plain(parts.io.into_inner()), parts.read_buf),
-            Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
-                Ok(parts) => {
-                    let (tcp, session) = parts.io.into_inner().into_inner();
-                    (Socket::tls(tcp, session), parts.read_buf)
-                }
-                Err(_) => {
-                    tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
-                    if let (Ok(()), Some(app)) = (&verdict, &app) {
-                        node.release(app, "error");
-                    }
-                    return;
-                }
-            },
-        };
-        match (verdict, app) {
+        match admitted {
             // Not boxed: the connection lives in this task's own allocation
             // (one per socket, not two; see docs/benchmarks.md on idle memory).
-            (Ok(()), Some(app)) => connection::run(node, app, stream, early).await,
-            (Err(refusal), _) => {
+            Ok(app) => connection::run(node, app, stream, early).await,
+            Err(refusal) => {
                 Box::pin(connection::refuse(stream, refusal.code, &refusal.message)).await
             }
-            (Ok(()), None) => {}
         }
     });
 
@@ -432,6 +420,32 @@ pub fn origin_allowed(allowed: &[String], origin: &str) -> bool {
             host == pattern
         }
     })
+}
+
+/// Waits for hyper to finish the upgrade and takes the TCP (or TLS) stream
+/// back, with anything the client already sent: Belfry frames the socket
+/// itself (see websocket.rs).
+async fn take_stream(upgrade: hyper::upgrade::OnUpgrade) -> Option<(Socket, Bytes)> {
+    let upgraded = match upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return None;
+        }
+    };
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => Some((Socket::Plain(parts.io.into_inner()), parts.read_buf)),
+        Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+            Ok(parts) => {
+                let (tcp, session) = parts.io.into_inner().into_inner();
+                Some((Socket::tls(tcp, session), parts.read_buf))
+            }
+            Err(_) => {
+                tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
+                None
+            }
+        },
+    }
 }
 
 #[cfg(test)]

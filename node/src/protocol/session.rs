@@ -140,12 +140,19 @@ impl Channels {
     }
 }
 
+/// Who a signed-in connection is and whom it watches.
+struct Signin {
+    user_id: String,
+    watchlist: Vec<String>,
+}
+
 pub struct Session {
     socket_id: SocketId,
     app: Arc<AppConfig>,
     channels: Channels,
-    user_id: Option<String>,
-    watchlist: Vec<String>,
+    /// Boxed: most connections never sign in, and an idle connection keeps
+    /// its session for its whole life.
+    signin: Option<Box<Signin>>,
     rate: RateLimit,
     rate_limited: u64,
 }
@@ -167,8 +174,7 @@ impl Session {
             socket_id,
             app,
             channels: Channels::default(),
-            user_id: None,
-            watchlist: Vec::new(),
+            signin: None,
             rate,
             rate_limited: 0,
         }
@@ -180,12 +186,12 @@ impl Session {
     }
 
     pub fn user_id(&self) -> Option<&str> {
-        self.user_id.as_deref()
+        self.signin.as_ref().map(|s| s.user_id.as_str())
     }
 
     /// The users this connection watches (from its signin's `watchlist`).
     pub fn watchlist(&self) -> &[String] {
-        &self.watchlist
+        self.signin.as_ref().map_or(&[], |s| &s.watchlist)
     }
 
     /// Channels joined (or being joined), for cleanup when the socket closes.
@@ -265,9 +271,7 @@ impl Session {
             );
         }
         let kind = channel.kind();
-        if kind == ChannelKind::ServerToUser
-            && channel.server_to_user_id() != self.user_id.as_deref()
-        {
+        if kind == ChannelKind::ServerToUser && channel.server_to_user_id() != self.user_id() {
             return refuse(
                 code::UNAUTHORIZED,
                 403,
@@ -379,8 +383,13 @@ impl Session {
             }
             Some(_) => return error(code::UNAUTHORIZED, "watchlist must be a list of user ids"),
         };
-        let previous = self.user_id.replace(user_id.clone());
-        let previous_watchlist = std::mem::replace(&mut self.watchlist, watchlist.clone());
+        let (previous, previous_watchlist) = match self.signin.replace(Box::new(Signin {
+            user_id: user_id.clone(),
+            watchlist: watchlist.clone(),
+        })) {
+            Some(old) => (Some(old.user_id), old.watchlist),
+            None => (None, Vec::new()),
+        };
         vec![
             Action::Send(Encode::signin_success(user_data)),
             Action::SignedIn {
