@@ -53,11 +53,14 @@ pub trait Occupancy: Send + Sync + 'static {
     fn close(&self) -> BoxFuture<'static, ()>;
 }
 
+/// One app's channels and their subscription counts.
+type Counts = HashMap<Box<str>, usize>;
+
 /// Occupancy of one node, in memory: app -> channel -> subscriptions. Nested
 /// so each channel costs one name allocation (an idle node may hold one
 /// channel per connection).
 pub struct LocalOccupancy {
-    channels: Mutex<HashMap<Box<str>, HashMap<Box<str>, usize>>>,
+    channels: Mutex<HashMap<Box<str>, Counts>>,
     sink: Arc<dyn Sink>,
 }
 
