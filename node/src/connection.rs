@@ -163,6 +163,7 @@ pub fn run(
 /// The connection's life past its start. An `async` block, not an `async
 /// fn`, so its inputs are held once (an `async fn` keeps its arguments and
 /// a moved copy of each).
+#[allow(clippy::manual_async_fn)]
 fn serve(
     conn: Conn,
     stream: Arc<Socket>,
