@@ -9,6 +9,7 @@
 #   RUNS              runs per figure and server (default 2)
 #   SCENARIOS         any of: ramp fanout1 idle spread (default: all)
 #   OUT               directory for the JSON results (default: a temp dir)
+#   IDLE_FLAGS        extra flags for the idle scenario (--shared-channel)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -70,7 +71,7 @@ for run in $(seq 1 "$runs"); do
                 ramp) bench ramp --clients 10000 --start-rate "${RAMP_START:-10}" --factor "${RAMP_FACTOR:-1.5}" --step-secs 5 \
                     --p99-ms 250 --max-rate 2000 >"$file" ;;
                 fanout1) bench fanout --clients 10000 --rate 1 --duration 10 >"$file" ;;
-                idle) bench idle --clients 19000 >"$file" ;;
+                idle) bench idle --clients 19000 ${IDLE_FLAGS:-} >"$file" ;;
                 spread) bench spread --clients 10000 --rate 1000 --duration 10 >"$file" ;;
             esac || echo "$scenario on $server, run $run: the generator failed (see $file)" >&2
             stop_server
