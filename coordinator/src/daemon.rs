@@ -200,7 +200,13 @@ impl Coordinator {
     /// One sweep, leader or not: expired presence, then dead nodes.
     pub async fn sweep_once(&self) -> Result<SweepReport, fred::error::Error> {
         let started = Instant::now();
-        let mut report = sweep::sweep_presence(&self.redis, &self.keys, &self.publisher).await?;
+        let mut report = sweep::sweep_presence(
+            &self.redis,
+            &self.keys,
+            &self.publisher,
+            &self.options.webhooks,
+        )
+        .await?;
         report.nodes_reaped =
             sweep::reap_nodes(&self.redis, &self.keys, &self.options.webhooks).await?;
         metrics::counter!("belfry_coordinator_sweeps_total").increment(1);

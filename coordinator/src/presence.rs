@@ -7,9 +7,12 @@
 //! single node; the Redis store does the same with Lua scripts cluster-wide.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
+
+use crate::webhook::{Job, Sink};
 
 /// One member as the protocol shows it. `user_id_json` keeps the id's JSON
 /// type (Laravel sends integers and Echo keys members by them); `user_id` is
@@ -106,9 +109,28 @@ struct ChannelMembers {
 #[derive(Default)]
 pub struct MemoryPresence {
     channels: Mutex<HashMap<(String, String), ChannelMembers>>,
+    /// Where `member_added` / `member_removed` webhook jobs go, if anywhere.
+    webhooks: Option<Arc<dyn Sink>>,
 }
 
 impl MemoryPresence {
+    /// A store whose membership edges (a user's first connection to a
+    /// channel, and their last) are handed to `sink` as webhook jobs.
+    pub fn with_webhooks(sink: Arc<dyn Sink>) -> Self {
+        Self {
+            channels: Mutex::default(),
+            webhooks: Some(sink),
+        }
+    }
+
+    fn member_job(&self, app: &str, channel: &str, name: &str, user_id: &str) {
+        if let Some(sink) = &self.webhooks {
+            let mut job = Job::new(app, channel, name);
+            job.user_id = Some(user_id.to_owned());
+            sink.send(job);
+        }
+    }
+
     fn join_now(
         &self,
         app: &str,
@@ -195,7 +217,11 @@ impl PresenceStore for MemoryPresence {
         member: PresenceMember,
         max_members: usize,
     ) -> BoxFuture<'static, Result<Joined, PresenceError>> {
+        let user_id = member.user_id.clone();
         let result = self.join_now(app, channel, socket_id, member, max_members);
+        if matches!(&result, Ok(j) if j.user_added) {
+            self.member_job(app, channel, "member_added", &user_id);
+        }
         Box::pin(async move { result })
     }
 
@@ -206,6 +232,9 @@ impl PresenceStore for MemoryPresence {
         socket_id: &str,
     ) -> BoxFuture<'static, Result<Option<PresenceMember>, PresenceError>> {
         let result = self.leave_now(app, channel, socket_id);
+        if let Some(member) = &result {
+            self.member_job(app, channel, "member_removed", &member.user_id);
+        }
         Box::pin(async move { Ok(result) })
     }
 

@@ -87,7 +87,7 @@ impl Node {
         };
         let stores = Stores {
             bus,
-            presence: Arc::new(MemoryPresence::default()),
+            presence: Arc::new(MemoryPresence::with_webhooks(sink.clone())),
             occupancy: Arc::new(LocalOccupancy::new(sink)),
             clustered: false,
         };
@@ -125,11 +125,13 @@ impl Node {
             background.clone(),
         ));
         let ttl = Duration::from_secs(config.presence_ttl_secs);
-        let presence = Arc::new(RedisPresence::new(
+        let presence = Arc::new(RedisPresence::start(
             redis.clone(),
             keys.clone(),
             node_id.clone(),
             ttl,
+            webhook_apps(&config),
+            CancellationToken::new(),
         ));
         background.spawn(crate::leader_watch::run(
             redis.clone(),

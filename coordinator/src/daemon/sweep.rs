@@ -44,6 +44,7 @@ pub(super) async fn sweep_presence(
     redis: &Redis,
     keys: &Keys,
     publisher: &Publisher,
+    webhooks: &WebhookApps,
 ) -> Result<SweepReport, Error> {
     let index: Vec<String> = redis.client.smembers(keys.presence_index()).await?;
     let now = crate::envelope::now_us() / 1000;
@@ -79,7 +80,7 @@ pub(super) async fn sweep_presence(
     report.channels_due = due.len();
     let per_channel: Vec<(usize, usize)> = stream::iter(due)
         .map(|(app, channel)| async move {
-            sweep_channel(redis, keys, publisher, &app, &channel, now).await
+            sweep_channel(redis, keys, publisher, webhooks, &app, &channel, now).await
         })
         .buffer_unordered(CHANNEL_CONCURRENCY)
         .try_collect()
@@ -146,6 +147,7 @@ async fn sweep_channel(
     redis: &Redis,
     keys: &Keys,
     publisher: &Publisher,
+    webhooks: &WebhookApps,
     app: &str,
     channel: &str,
     now: u64,
@@ -164,7 +166,16 @@ async fn sweep_channel(
     let mut removed_count = 0;
     let mut remaining = -1;
     for socket_id in &expired {
-        let outcome = leave_socket(redis, keys, app, channel, socket_id, Some(now)).await?;
+        let outcome = leave_socket(
+            redis,
+            keys,
+            Some(webhooks),
+            app,
+            channel,
+            socket_id,
+            Some(now),
+        )
+        .await?;
         remaining = outcome.remaining;
         if let Some(member) = outcome.removed {
             tracing::info!(app, channel, user_id = %member.user_id, socket_id, "presence expired: member_removed");

@@ -5,7 +5,10 @@
 -- KEYS[2] sockets  hash socket_id -> user_id
 -- KEYS[3] counts   hash user_id -> number of that user's connections
 -- KEYS[4] expiry   zset socket_id -> expiry (ms since the epoch)
--- ARGV: socket_id, user_id, member_json, max_members, expiry_ms, [no_list]
+-- KEYS[5] optional: the webhook stream, when a member_added job goes out here
+-- ARGV: socket_id, user_id, member_json, max_members, expiry_ms, no_list
+--       ('1' or '0'), then the webhook job's: wanted ('1' or '0'), app,
+--       channel, stream MAXLEN (approximate)
 --
 -- Returns {added, user_id_1, member_json_1, user_id_2, member_json_2, ...}
 -- with added = 1 when this is the user's first connection, 0 otherwise,
@@ -62,5 +65,11 @@ redis.call('HSET', users, user, member)
 redis.call('ZADD', expiry, ARGV[5], socket)
 if known then
   return reply(0)
+end
+-- Decided here with the membership, so a member_added webhook goes out once
+-- per user however many nodes the user's connections are on.
+if KEYS[5] and ARGV[7] == '1' then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[10], '*',
+    'app', ARGV[8], 'channel', ARGV[9], 'name', 'member_added', 'user_id', user)
 end
 return reply(1)

@@ -92,13 +92,7 @@ pub(crate) async fn queue_edge(
     channel: &str,
     edge: &str,
 ) {
-    if !redis.clustered || !webhooks.wants(app, edge, channel) {
-        return;
-    }
-    if let Err(e) = stream::add(redis, keys, &Job::new(app, channel, edge)).await {
-        metrics::counter!("belfry_webhook_dropped_total", "reason" => "redis").increment(1);
-        tracing::error!(app, channel, edge, error = %e, "webhook job not queued");
-    }
+    stream::queue_after_script(redis, keys, webhooks, Job::new(app, channel, edge)).await;
 }
 
 #[derive(Default)]

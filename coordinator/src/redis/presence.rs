@@ -12,7 +12,9 @@
 //! TTL/3 and, when Redis comes back empty, writes them back. If the node
 //! dies, the refreshes stop and the coordinator's sweep (`daemon`) removes
 //! the members and announces their departure. What this store is not: the
-//! announcer. It tells the node what changed; the node publishes.
+//! announcer. It tells the node what changed; the node publishes. The
+//! scripts do queue the `member_added` / `member_removed` webhook jobs, in
+//! the same step that decides them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
@@ -31,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::Redis;
 use crate::keys::{index_member, Keys};
 use crate::presence::{Joined, PresenceError, PresenceMember, PresenceStore};
+use crate::webhook::{stream as webhook_stream, Job, WebhookApps};
 
 /// How long a connection stays a member without a refresh, by default.
 pub const DEFAULT_PRESENCE_TTL: Duration = Duration::from_secs(30);
@@ -61,6 +64,8 @@ struct Inner {
     keys: Keys,
     node_id: String,
     ttl: Duration,
+    /// Which apps want `member_added` / `member_removed` webhooks.
+    webhooks: Arc<WebhookApps>,
     /// This node's presence connections: (app, channel) -> socket_id -> member.
     mirror: Mutex<HashMap<(String, String), HashMap<String, PresenceMember>>>,
 }
@@ -92,11 +97,28 @@ impl RedisPresence {
         ttl: Duration,
         shutdown: CancellationToken,
     ) -> Self {
+        Self::start(redis, keys, node_id, ttl, Arc::default(), shutdown)
+    }
+
+    /// As [`RedisPresence::with_shutdown`], and a user's first connection
+    /// to a channel and their last one queue `member_added` and
+    /// `member_removed` webhook jobs for the apps in `webhooks` that want
+    /// them, in the same script that decides it (so once per user, whichever
+    /// node the connections are on).
+    pub fn start(
+        redis: Redis,
+        keys: Keys,
+        node_id: impl Into<String>,
+        ttl: Duration,
+        webhooks: Arc<WebhookApps>,
+        shutdown: CancellationToken,
+    ) -> Self {
         let inner = Arc::new(Inner {
             redis,
             keys,
             node_id: node_id.into(),
             ttl: ttl.max(Duration::from_millis(30)),
+            webhooks,
             mirror: Mutex::new(HashMap::new()),
         });
         let stop = shutdown.child_token();
@@ -188,6 +210,7 @@ impl RedisPresence {
                 &member,
                 max_members,
                 with_members,
+                Some(&inner.webhooks),
             )
             .await
             .map_err(unavailable)?
@@ -262,9 +285,18 @@ impl PresenceStore for RedisPresence {
             forget(&inner, &app, &channel, &socket_id);
             // If this fails the connection's expiry lapses and the
             // coordinator's sweep removes it and announces member_removed.
-            let outcome = leave_socket(&inner.redis, &inner.keys, &app, &channel, &socket_id, None)
-                .await
-                .map_err(unavailable)?;
+            let hooks = Some(&*inner.webhooks);
+            let outcome = leave_socket(
+                &inner.redis,
+                &inner.keys,
+                hooks,
+                &app,
+                &channel,
+                &socket_id,
+                None,
+            )
+            .await
+            .map_err(unavailable)?;
             if outcome.remaining == 0 {
                 unindex_if_empty(&inner.redis, &inner.keys, &app, &channel).await;
             }
@@ -392,8 +424,54 @@ fn channel_keys(keys: &Keys, app: &str, channel: &str) -> Vec<String> {
     ]
 }
 
+/// Which webhooks a presence script may queue: `None` for a restore or its
+/// undo, which change no one's membership as the app saw it.
+type Hooks<'a> = Option<&'a WebhookApps>;
+
+/// The webhook stream key (unless on a Redis Cluster, where the stream is in
+/// another slot and the job is queued after the script) and the script's
+/// webhook arguments: wanted, app, channel, MAXLEN.
+fn hook_args(
+    redis: &Redis,
+    keys: &Keys,
+    hooks: Hooks,
+    app: &str,
+    channel: &str,
+    name: &str,
+) -> (Option<String>, [String; 4]) {
+    let wanted = hooks.is_some_and(|h| h.wants(app, name, channel));
+    (
+        (!redis.clustered).then(|| keys.webhook_queue()),
+        [
+            if wanted { "1" } else { "0" }.to_owned(),
+            app.to_owned(),
+            channel.to_owned(),
+            webhook_stream::MAX_LEN.to_string(),
+        ],
+    )
+}
+
+/// On a Redis Cluster: queue the member job the script could not.
+async fn queue_member(
+    redis: &Redis,
+    keys: &Keys,
+    hooks: Hooks<'_>,
+    app: &str,
+    channel: &str,
+    name: &str,
+    user_id: &str,
+) {
+    let Some(webhooks) = hooks else {
+        return;
+    };
+    let mut job = Job::new(app, channel, name);
+    job.user_id = Some(user_id.to_owned());
+    webhook_stream::queue_after_script(redis, keys, webhooks, job).await;
+}
+
 /// Runs the join script. `None` means the channel is full. Without
 /// `with_members` the member list is neither built nor sent (restores).
+#[allow(clippy::too_many_arguments)]
 async fn join_script(
     inner: &Inner,
     app: &str,
@@ -402,28 +480,46 @@ async fn join_script(
     member: &PresenceMember,
     max_members: usize,
     with_members: bool,
+    hooks: Hooks<'_>,
 ) -> Result<Option<Joined>, Error> {
+    let (stream_key, hook) = hook_args(
+        &inner.redis,
+        &inner.keys,
+        hooks,
+        app,
+        channel,
+        "member_added",
+    );
     let mut args = vec![
         socket_id.to_owned(),
         member.user_id.clone(),
         member_json(member),
         max_members.min(i64::MAX as usize).to_string(),
         expiry_ms(inner.ttl).to_string(),
+        if with_members { "0" } else { "1" }.to_owned(),
     ];
-    if !with_members {
-        args.push("1".to_owned());
-    }
+    args.extend(hook);
+    let mut keys = channel_keys(&inner.keys, app, channel);
+    keys.extend(stream_key);
     let reply: Vec<Value> = JOIN
-        .evalsha_with_reload(
-            &inner.redis.client,
-            channel_keys(&inner.keys, app, channel),
-            args,
-        )
+        .evalsha_with_reload(&inner.redis.client, keys, args)
         .await?;
     let mut reply = reply.into_iter();
     let added = reply.next().and_then(|v| v.as_i64()).unwrap_or(0);
     if added < 0 {
         return Ok(None);
+    }
+    if added == 1 {
+        queue_member(
+            &inner.redis,
+            &inner.keys,
+            hooks,
+            app,
+            channel,
+            "member_added",
+            &member.user_id,
+        )
+        .await;
     }
     let mut members = Vec::new();
     while let (Some(user_id), Some(json)) = (reply.next(), reply.next()) {
@@ -443,15 +539,22 @@ async fn join_script(
 pub(crate) async fn leave_socket(
     redis: &Redis,
     keys: &Keys,
+    hooks: Hooks<'_>,
     app: &str,
     channel: &str,
     socket_id: &str,
     cutoff: Option<u64>,
 ) -> Result<LeaveOutcome, Error> {
-    let mut args = vec![socket_id.to_owned()];
-    args.extend(cutoff.map(|c| c.to_string()));
+    let (stream_key, hook) = hook_args(redis, keys, hooks, app, channel, "member_removed");
+    let mut args = vec![
+        socket_id.to_owned(),
+        cutoff.map(|c| c.to_string()).unwrap_or_default(),
+    ];
+    args.extend(hook);
+    let mut script_keys = channel_keys(keys, app, channel);
+    script_keys.extend(stream_key);
     let reply: Vec<Value> = LEAVE
-        .evalsha_with_reload(&redis.client, channel_keys(keys, app, channel), args)
+        .evalsha_with_reload(&redis.client, script_keys, args)
         .await?;
     let mut reply = reply.into_iter();
     let remaining = reply.next().and_then(|v| v.as_i64()).unwrap_or(0);
@@ -469,6 +572,18 @@ pub(crate) async fn leave_socket(
         }
         _ => None,
     };
+    if let Some(member) = &removed {
+        queue_member(
+            redis,
+            keys,
+            hooks,
+            app,
+            channel,
+            "member_removed",
+            &member.user_id,
+        )
+        .await;
+    }
     Ok(LeaveOutcome { removed, remaining })
 }
 
@@ -621,13 +736,33 @@ async fn restore_one(
         return false;
     }
     // A restore is not refused for size: these members were admitted already.
-    match join_script(inner, app, channel, socket_id, member, usize::MAX, false).await {
+    // No webhook: the member was announced when it first joined.
+    match join_script(
+        inner,
+        app,
+        channel,
+        socket_id,
+        member,
+        usize::MAX,
+        false,
+        None,
+    )
+    .await
+    {
         Ok(_) => {
             // The connection may have left while its join was in flight; its
             // own leave then ran first, so undo the write-back quietly.
             if !is_mirrored(inner, app, channel, socket_id) {
-                let _ =
-                    leave_socket(&inner.redis, &inner.keys, app, channel, socket_id, None).await;
+                let _ = leave_socket(
+                    &inner.redis,
+                    &inner.keys,
+                    None,
+                    app,
+                    channel,
+                    socket_id,
+                    None,
+                )
+                .await;
                 return false;
             }
             true

@@ -8,7 +8,8 @@
 //! from the Redis stream on the coordinator's leader and acknowledges a job
 //! only once every URL that wanted it answered 2xx or gave up.
 //!
-//! Not here: deciding the edges (the occupancy scripts and `occupancy.rs`).
+//! Not here: deciding the edges (the occupancy and presence scripts,
+//! `occupancy.rs` and `presence.rs`).
 
 pub mod config;
 pub mod dispatch;

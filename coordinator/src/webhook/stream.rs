@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::dispatch::{Dispatcher, Done};
-use super::Job;
+use super::{Job, WebhookApps};
 use crate::keys::Keys;
 use crate::redis::Redis;
 
@@ -56,6 +56,19 @@ pub async fn add(redis: &Redis, keys: &Keys, job: &Job) -> Result<(), Error> {
         )
         .await?;
     Ok(())
+}
+
+/// After a script decided an edge: on a Redis Cluster, where the script
+/// could not reach the stream's slot, queue the job as a step of its own.
+/// Elsewhere the script queued it already.
+pub async fn queue_after_script(redis: &Redis, keys: &Keys, webhooks: &WebhookApps, job: Job) {
+    if !redis.clustered || !webhooks.wants(&job.app, &job.name, &job.channel) {
+        return;
+    }
+    if let Err(e) = add(redis, keys, &job).await {
+        metrics::counter!("belfry_webhook_dropped_total", "reason" => "redis").increment(1);
+        tracing::error!(app = job.app, channel = job.channel, name = job.name, error = %e, "webhook job not queued");
+    }
 }
 
 fn job_from(id: &str, fields: Vec<(String, String)>) -> Option<Job> {

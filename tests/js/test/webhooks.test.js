@@ -66,6 +66,42 @@ describe('webhooks (single node)', () => {
     console.log(`# webhook latency single node (ms): ${JSON.stringify(percentiles(samples))}`);
   });
 
+  it('member_added and member_removed: once per user however many tabs, with the user_id', async () => {
+    const [r] = await nodeWithHooks([{ config: { event_types: ['member_added', 'member_removed'] } }]);
+    const name = h.uniq('presence-hook-');
+    const join = async (user) => {
+      const c = await h.rawClient(node);
+      const res = await c.subscribe(name, h.rawAuth(node.app, c.socketId, name, { user_id: user, user_info: {} }));
+      assert.equal(res.event, 'pusher_internal:subscription_succeeded');
+      return c;
+    };
+    const tab1 = await join('u1');
+    const tab2 = await join('u1');
+    await h.eventually(() => r.events().length === 1, { message: 'member_added u1' });
+    const other = await join(42);
+    await h.eventually(() => r.events().length === 2, { message: 'member_added 42' });
+    tab1.send({ event: 'pusher:unsubscribe', data: { channel: name } });
+    await tab1.ping();
+    await h.sleep(300);
+    assert.equal(r.events().length, 2, 'a second tab leaving is not a member_removed');
+    tab2.close();
+    await h.eventually(() => r.events().length === 3, { message: 'member_removed u1' });
+    other.send({ event: 'pusher:unsubscribe', data: { channel: name } });
+    await h.eventually(() => r.events().length === 4, { message: 'member_removed 42' });
+    await h.sleep(300);
+    assert.deepEqual(
+      r.events().map((e) => `${e.name} ${e.channel} ${e.user_id}`),
+      [`member_added ${name} u1`, `member_added ${name} 42`, `member_removed ${name} u1`, `member_removed ${name} 42`],
+    );
+    for (const req of r.requests) {
+      assert.equal(req.valid, true, 'the pusher SDK accepts the signature');
+      for (const e of req.body.events) {
+        assert.deepEqual(Object.keys(e).sort(), ['channel', 'name', 'user_id']);
+        assert.equal(typeof e.user_id, 'string', 'Pusher sends user_id as a string');
+      }
+    }
+  });
+
   it('event_types and channel_prefixes pick what each URL gets', async () => {
     const [onlyVacated, onlyPresence] = await nodeWithHooks([
       { config: { event_types: ['channel_vacated'] } },

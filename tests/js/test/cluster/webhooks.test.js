@@ -28,17 +28,35 @@ async function hookedCluster(label, respond, extra = {}) {
   return coordinator;
 }
 
-/** The names of the accepted events for `channel`, in order, deduplicated by webhook id. */
-function names(channel) {
+/** The accepted events for `channel`, in order, deduplicated by webhook id. */
+function events(channel) {
   const seen = new Set();
   const out = [];
   for (const r of receiver.accepted()) {
     const id = r.headers['x-belfry-webhook-id'];
     if (seen.has(id)) continue;
     seen.add(id);
-    for (const e of r.body.events) if (e.channel === channel) out.push(e.name);
+    for (const e of r.body.events) if (e.channel === channel) out.push(e);
   }
   return out;
+}
+
+/** The names of the accepted events for `channel`, in order. */
+function names(channel) {
+  return events(channel).map((e) => e.name);
+}
+
+/** member_added / member_removed of `user` on `channel`, in order. */
+function memberEvents(channel, user) {
+  return events(channel).filter((e) => e.name.startsWith('member_') && e.user_id === user).map((e) => e.name);
+}
+
+/** A raw client on `node` that joined presence channel `channel` as `user`. */
+async function joinAs(node, channel, user) {
+  const c = await h.rawClient(node);
+  const res = await c.subscribe(channel, h.rawAuth(node.app, c.socketId, channel, { user_id: user, user_info: {} }));
+  assert.equal(res.event, 'pusher_internal:subscription_succeeded', `${user} joined ${channel}`);
+  return c;
 }
 
 describe('cluster: webhooks', () => {
@@ -72,6 +90,51 @@ describe('cluster: webhooks', () => {
     }
     assert.ok(receiver.requests.every((r) => r.valid), 'the pusher SDK accepts every request');
     console.log(`# webhook latency cluster (ms, transition to POST, last channel of a round): ${JSON.stringify(percentiles(samples))}`);
+  });
+
+  it('users with tabs on both nodes join and leave at once: one member_added and one member_removed per user a round', async () => {
+    await hookedCluster('members');
+    const [A, B] = cluster.nodes;
+    const channel = h.uniq('presence-hooks-');
+    const users = ['u1', 'u2', 'u3'];
+    const rounds = 6;
+    for (let round = 0; round < rounds; round++) {
+      // Two tabs per user, one on each node, joining in a jittered order.
+      const tabs = await Promise.all(users.flatMap((u) => [A, B].map(async (n) => {
+        await h.sleep(Math.random() * 10);
+        return joinAs(n, channel, u);
+      })));
+      await h.eventually(() => users.every((u) => memberEvents(channel, u).length === 2 * round + 1),
+        { timeout: 10000, message: `member_added in round ${round}` });
+      await Promise.all(tabs.map(async (c, i) => {
+        await h.sleep(Math.random() * 10);
+        if (i % 2) c.send({ event: 'pusher:unsubscribe', data: { channel } });
+        else c.close();
+      }));
+      await h.eventually(() => users.every((u) => memberEvents(channel, u).length === 2 * round + 2),
+        { timeout: 10000, message: `member_removed in round ${round}` });
+      for (const c of tabs) c.close();
+    }
+    await h.sleep(500);
+    for (const u of users) {
+      assert.deepEqual(memberEvents(channel, u), Array.from({ length: 2 * rounds }, (_, i) => (i % 2 ? 'member_removed' : 'member_added')), u);
+    }
+    assert.ok(receiver.requests.every((r) => r.valid), 'the pusher SDK accepts every request');
+  });
+
+  it('kill -9 of the node holding a user\'s last tab: the sweep sends member_removed', async () => {
+    await hookedCluster('member-crash');
+    const [A, B] = cluster.nodes;
+    const channel = h.uniq('presence-crash-');
+    await joinAs(A, channel, 'doomed');
+    const stays = await joinAs(B, channel, 'stays');
+    await h.eventually(() => memberEvents(channel, 'doomed').length === 1 && memberEvents(channel, 'stays').length === 1,
+      { message: 'both added' });
+    await A.kill();
+    await h.eventually(() => memberEvents(channel, 'doomed').length === 2, { timeout: 20000, message: 'member_removed after the node died' });
+    assert.deepEqual(memberEvents(channel, 'doomed'), ['member_added', 'member_removed']);
+    assert.deepEqual(memberEvents(channel, 'stays'), ['member_added']);
+    assert.ok(stays.isOpen);
   });
 
   it('kill -9 of the node holding the last subscriber: the sweep sends channel_vacated', async () => {
