@@ -335,14 +335,35 @@ impl Conn {
                     data,
                     user_id,
                 } => {
+                    let socket_id = self.handle.socket_id.to_string();
                     let mut envelope =
                         Envelope::event(&self.app.config.id, channel.as_str(), &event, data);
-                    envelope.socket_id = Some(self.handle.socket_id.to_string());
+                    envelope.socket_id = Some(socket_id);
                     envelope.user_id = user_id;
                     self.app.metrics.client_events.increment(1);
-                    if let Err(e) = self.node.bus.publish(vec![envelope]).await {
-                        let message = format!("Client event not delivered: {e}");
-                        self.handle.send(Encode::error(None, &message).as_str());
+                    // The webhook needs the event after the bus took it, and
+                    // only if it did: keep a copy only when a URL wants it.
+                    let hook = self
+                        .node
+                        .wants_webhook(&self.app.config.id, "client_event", channel.as_str())
+                        .then(|| envelope.clone());
+                    match self.node.bus.publish(vec![envelope]).await {
+                        Ok(_) => {
+                            if let Some(e) = hook {
+                                self.node.client_event_webhook(
+                                    &e.app,
+                                    &e.channel,
+                                    &e.event,
+                                    &e.data,
+                                    e.socket_id.as_deref().unwrap_or_default(),
+                                    e.user_id.as_deref(),
+                                );
+                            }
+                        }
+                        Err(e) => {
+                            let message = format!("Client event not delivered: {e}");
+                            self.handle.send(Encode::error(None, &message).as_str());
+                        }
                     }
                 }
                 Action::SignedIn {

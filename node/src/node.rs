@@ -12,7 +12,7 @@ use belfry_coordinator::redis::occupancy::RedisOccupancy;
 use belfry_coordinator::redis::presence::RedisPresence;
 use belfry_coordinator::redis::Redis;
 use belfry_coordinator::webhook::{
-    DispatchOptions, Dispatcher, NoSink, Sink, WebhookApp, WebhookApps,
+    stream::StreamSink, DispatchOptions, Dispatcher, Job, NoSink, Sink, WebhookApp, WebhookApps,
 };
 use belfry_coordinator::{
     Bus, CacheTtl, LocalBus, LocalOccupancy, MemoryPresence, Occupancy, PresenceStore,
@@ -47,6 +47,10 @@ pub struct Node {
     /// the source of the occupied/vacated webhooks.
     pub occupancy: Arc<dyn Occupancy>,
     clustered: bool,
+    /// Which apps' URLs want which webhooks, and where the jobs the node
+    /// decides by itself (client events) go.
+    webhooks: Arc<WebhookApps>,
+    webhook_sink: Arc<dyn Sink>,
 }
 
 /// The shared state behind its traits: in memory on a single node, in Redis
@@ -56,6 +60,8 @@ struct Stores {
     presence: Arc<dyn PresenceStore>,
     occupancy: Arc<dyn Occupancy>,
     clustered: bool,
+    webhooks: Arc<WebhookApps>,
+    webhook_sink: Arc<dyn Sink>,
 }
 
 /// Why a WebSocket is refused before it starts: the close code, the message
@@ -79,7 +85,7 @@ impl Node {
             Arc::new(NoSink)
         } else {
             Arc::new(Dispatcher::start(
-                webhooks,
+                webhooks.clone(),
                 DispatchOptions::default(),
                 stop.clone(),
                 background.clone(),
@@ -88,8 +94,10 @@ impl Node {
         let stores = Stores {
             bus,
             presence: Arc::new(MemoryPresence::with_webhooks(sink.clone())),
-            occupancy: Arc::new(LocalOccupancy::new(sink)),
+            occupancy: Arc::new(LocalOccupancy::new(sink.clone())),
             clustered: false,
+            webhooks,
+            webhook_sink: sink,
         };
         Self::new(config, registry, stores, stop, background)
     }
@@ -138,11 +146,17 @@ impl Node {
             keys.clone(),
             stop.clone(),
         ));
+        let webhooks = webhook_apps(&config);
+        let webhook_sink: Arc<dyn Sink> = Arc::new(StreamSink::new(
+            redis.clone(),
+            keys.clone(),
+            background.clone(),
+        ));
         let occupancy = RedisOccupancy::start(
             redis.clone(),
             keys,
             node_id.clone(),
-            webhook_apps(&config),
+            webhooks.clone(),
             stop.clone(),
             &background,
         );
@@ -153,6 +167,8 @@ impl Node {
             presence,
             occupancy: Arc::new(occupancy),
             clustered: true,
+            webhooks,
+            webhook_sink,
         };
         Ok(Self::new(config, registry, stores, stop, background))
     }
@@ -169,6 +185,8 @@ impl Node {
             presence,
             occupancy,
             clustered,
+            webhooks,
+            webhook_sink,
         } = stores;
         let hub = Arc::new(Hub::new(bus.clone()));
         background.spawn(hub.clone().run(stop.clone()));
@@ -185,11 +203,46 @@ impl Node {
             stop,
             occupancy,
             clustered,
+            webhooks,
+            webhook_sink,
         })
     }
 
     pub fn is_clustered(&self) -> bool {
         self.clustered
+    }
+
+    /// Whether a URL of `app` wants `name` webhooks for `channel`.
+    pub fn wants_webhook(&self, app: &str, name: &str, channel: &str) -> bool {
+        self.webhooks.wants(app, name, channel)
+    }
+
+    /// Hands a client event to the app's webhooks when a URL wants it
+    /// (Pusher's `client_event`: the sender's socket, and its user on a
+    /// presence channel). Never waits.
+    pub fn client_event_webhook(
+        &self,
+        app: &str,
+        channel: &str,
+        event: &str,
+        data: &str,
+        socket_id: &str,
+        user_id: Option<&str>,
+    ) {
+        if !self.webhooks.wants(app, "client_event", channel) {
+            return;
+        }
+        let mut job = Job::new(app, channel, "client_event");
+        job.event = Some(event.to_owned());
+        job.data = Some(data.to_owned());
+        job.socket_id = Some(socket_id.to_owned());
+        // The envelope carries the id as JSON (`"u1"` or `42`); Pusher's
+        // webhook has its string form.
+        job.user_id = user_id.map(|id| match serde_json::from_str::<serde_json::Value>(id) {
+            Ok(serde_json::Value::String(s)) => s,
+            _ => id.to_owned(),
+        });
+        self.webhook_sink.send(job);
     }
 
     /// A local subscription began; counted before `subscription_succeeded`.

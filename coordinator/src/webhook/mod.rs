@@ -40,6 +40,10 @@ pub struct Job {
     pub name: String,
     /// `member_added` / `member_removed` (and `client_event` on presence).
     pub user_id: Option<String>,
+    /// `client_event`: the event's name, its data and the sender's socket.
+    pub event: Option<String>,
+    pub data: Option<String>,
+    pub socket_id: Option<String>,
     /// When the edge was decided, ms since the epoch (for the latency metric).
     pub at_ms: u64,
     /// Where the job came from, so a re-delivery carries the same
@@ -54,6 +58,9 @@ impl Job {
             channel: channel.to_owned(),
             name: name.to_owned(),
             user_id: None,
+            event: None,
+            data: None,
+            socket_id: None,
             at_ms: crate::envelope::now_us() / 1000,
             id: String::new(),
         }

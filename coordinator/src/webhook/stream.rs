@@ -36,8 +36,15 @@ pub fn fields(job: &Job) -> Vec<(&'static str, String)> {
         ("channel", job.channel.clone()),
         ("name", job.name.clone()),
     ];
-    if let Some(user) = &job.user_id {
-        f.push(("user_id", user.clone()));
+    for (field, value) in [
+        ("user_id", &job.user_id),
+        ("event", &job.event),
+        ("data", &job.data),
+        ("socket_id", &job.socket_id),
+    ] {
+        if let Some(value) = value {
+            f.push((field, value.clone()));
+        }
     }
     f
 }
@@ -71,6 +78,33 @@ pub async fn queue_after_script(redis: &Redis, keys: &Keys, webhooks: &WebhookAp
     }
 }
 
+/// A `Sink` into the Redis stream, for jobs a node decides by itself (a
+/// client event is one sender's, so no script is needed to decide it). Each
+/// job is one `XADD` on the node's task tracker; `send` never waits.
+pub struct StreamSink {
+    redis: Redis,
+    keys: Keys,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl StreamSink {
+    pub fn new(redis: Redis, keys: Keys, tasks: tokio_util::task::TaskTracker) -> StreamSink {
+        StreamSink { redis, keys, tasks }
+    }
+}
+
+impl super::Sink for StreamSink {
+    fn send(&self, job: Job) {
+        let (redis, keys) = (self.redis.clone(), self.keys.clone());
+        self.tasks.spawn(async move {
+            if let Err(e) = add(&redis, &keys, &job).await {
+                metrics::counter!("belfry_webhook_dropped_total", "reason" => "redis").increment(1);
+                tracing::error!(app = job.app, channel = job.channel, name = job.name, error = %e, "webhook job not queued");
+            }
+        });
+    }
+}
+
 fn job_from(id: &str, fields: Vec<(String, String)>) -> Option<Job> {
     let mut job = Job::new("", "", "");
     for (k, v) in fields {
@@ -79,6 +113,9 @@ fn job_from(id: &str, fields: Vec<(String, String)>) -> Option<Job> {
             "channel" => job.channel = v,
             "name" => job.name = v,
             "user_id" => job.user_id = Some(v),
+            "event" => job.event = Some(v),
+            "data" => job.data = Some(v),
+            "socket_id" => job.socket_id = Some(v),
             _ => {}
         }
     }
@@ -294,5 +331,23 @@ mod tests {
         );
         assert_eq!(job.at_ms, 1_700_000_000_000);
         assert!(got[1].1.is_none());
+    }
+
+    #[test]
+    fn a_client_event_job_survives_the_stream() {
+        let mut job = Job::new("a", "presence-c", "client_event");
+        job.event = Some("client-typing".into());
+        job.data = Some(r#"{"x":1}"#.into());
+        job.socket_id = Some("1.2".into());
+        job.user_id = Some("5".into());
+        let fields = fields(&job)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        let back = job_from("1700000000000-0", fields).unwrap();
+        assert_eq!(
+            (back.event, back.data, back.socket_id, back.user_id),
+            (job.event, job.data, job.socket_id, job.user_id)
+        );
     }
 }

@@ -102,6 +102,35 @@ describe('webhooks (single node)', () => {
     }
   });
 
+  it('client_event: the event, its data and the sender, with user_id on presence channels only', async () => {
+    const [r] = await nodeWithHooks([{ config: { event_types: ['client_event'] } }]);
+    const priv = h.uniq('private-hook-');
+    const pres = h.uniq('presence-whisper-');
+    const sender = await h.rawClient(node);
+    const other = await h.rawClient(node);
+    for (const c of [sender, other]) {
+      assert.equal((await c.subscribe(priv, h.rawAuth(node.app, c.socketId, priv))).event, 'pusher_internal:subscription_succeeded');
+      assert.equal((await c.subscribe(pres, h.rawAuth(node.app, c.socketId, pres, { user_id: c === sender ? 5 : 'six' }))).event, 'pusher_internal:subscription_succeeded');
+    }
+    sender.send({ event: 'client-typing', channel: priv, data: { who: 'ada' } });
+    await other.next('client-typing');
+    sender.send({ event: 'client-moved', channel: pres, data: { x: 1 } });
+    await other.next('client-moved');
+    await h.eventually(() => r.events().length === 2, { message: 'two client_event webhooks' });
+    await h.sleep(300);
+    const [typing, moved] = r.events();
+    assert.deepEqual(
+      { name: typing.name, channel: typing.channel, event: typing.event, data: JSON.parse(typing.data), socket_id: typing.socket_id },
+      { name: 'client_event', channel: priv, event: 'client-typing', data: { who: 'ada' }, socket_id: sender.socketId },
+    );
+    assert.equal(typing.user_id, undefined, 'no user_id outside presence channels');
+    assert.deepEqual(
+      { name: moved.name, channel: moved.channel, event: moved.event, data: JSON.parse(moved.data), socket_id: moved.socket_id, user_id: moved.user_id },
+      { name: 'client_event', channel: pres, event: 'client-moved', data: { x: 1 }, socket_id: sender.socketId, user_id: '5' },
+    );
+    assert.ok(r.requests.every((q) => q.valid), 'the pusher SDK accepts the signature');
+  });
+
   it('event_types and channel_prefixes pick what each URL gets', async () => {
     const [onlyVacated, onlyPresence] = await nodeWithHooks([
       { config: { event_types: ['channel_vacated'] } },

@@ -137,6 +137,27 @@ describe('cluster: webhooks', () => {
     assert.ok(stays.isOpen);
   });
 
+  it('client events sent on both nodes: one client_event webhook each, with the sender', async () => {
+    await hookedCluster('client-events');
+    const [A, B] = cluster.nodes;
+    const channel = h.uniq('presence-chat-');
+    const a = await joinAs(A, channel, 'ann');
+    const b = await joinAs(B, channel, 'bob');
+    const sent = [];
+    for (let i = 0; i < 20; i++) {
+      const [from, to] = i % 2 ? [b, a] : [a, b];
+      from.send({ event: 'client-msg', channel, data: { i } });
+      sent.push({ i, socket_id: from.socketId, user_id: from === a ? 'ann' : 'bob' });
+      await to.next((f) => f.event === 'client-msg' && JSON.stringify(f.data) === JSON.stringify({ i }), 3000, `client-msg ${i}`);
+    }
+    const got = () => events(channel).filter((e) => e.name === 'client_event');
+    await h.eventually(() => got().length === 20, { timeout: 10000, message: 'a client_event webhook per event' });
+    await h.sleep(500);
+    const seen = got().map((e) => ({ i: JSON.parse(e.data).i, socket_id: e.socket_id, user_id: e.user_id })).sort((x, y) => x.i - y.i);
+    assert.deepEqual(seen, sent);
+    assert.ok(receiver.requests.every((r) => r.valid), 'the pusher SDK accepts every request');
+  });
+
   it('kill -9 of the node holding the last subscriber: the sweep sends channel_vacated', async () => {
     await hookedCluster('crash');
     const [A, B] = cluster.nodes;
