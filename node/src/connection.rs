@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::tls::Socket;
+use belfry_coordinator::webhook::Job;
 use belfry_coordinator::{Envelope, PresenceError, PresenceMember};
 use bytes::Bytes;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -468,18 +469,24 @@ impl Conn {
             return Err(unavailable(e));
         }
         if channel.is_cache() {
-            match self.node.bus.cached(app_id, name).await {
-                Ok(Some(e)) => first.push(Encode::event_with_user(
+            let cached = match self.node.bus.cached(app_id, name).await {
+                Ok(cached) => cached,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cache lookup failed; sending cache_miss");
+                    None
+                }
+            };
+            match cached {
+                Some(e) => first.push(Encode::event_with_user(
                     &e.event,
                     Some(name),
                     &e.data,
                     e.user_id.as_deref(),
                 )),
-                Ok(None) => first.push(Encode::cache_miss(name)),
-                Err(e) => tracing::warn!(error = %e, "cache lookup failed; sending cache_miss"),
-            }
-            if first.len() == 1 {
-                first.push(Encode::cache_miss(name));
+                None => {
+                    first.push(Encode::cache_miss(name));
+                    self.node.webhook(Job::new(app_id, name, "cache_miss"));
+                }
             }
         }
         self.app.add_subscriber(name, self.handle.clone(), &first);

@@ -245,6 +245,14 @@ impl Node {
         self.webhook_sink.send(job);
     }
 
+    /// Hands a job the node decided by itself (a cache miss) to the app's
+    /// webhooks when a URL wants it. Never waits.
+    pub fn webhook(&self, job: Job) {
+        if self.webhooks.wants(&job.app, &job.name, &job.channel) {
+            self.webhook_sink.send(job);
+        }
+    }
+
     /// A local subscription began; counted before `subscription_succeeded`.
     pub async fn subscription_added(&self, app: &str, channel: &str) -> Result<(), String> {
         self.occupancy

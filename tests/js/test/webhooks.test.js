@@ -131,6 +131,23 @@ describe('webhooks (single node)', () => {
     assert.ok(r.requests.every((q) => q.valid), 'the pusher SDK accepts the signature');
   });
 
+  it('cache_miss: a subscriber to an empty cache channel, none once an event is cached', async () => {
+    const [r] = await nodeWithHooks([{ config: { event_types: ['cache_miss'] } }]);
+    const name = h.uniq('cache-hook-');
+    const first = await h.rawClient(node);
+    await first.subscribe(name);
+    await first.next('pusher:cache_miss');
+    await h.eventually(() => r.events().length === 1, { message: 'cache_miss webhook' });
+    await h.sdk(node).trigger(name, 'Price', { v: 1 });
+    await first.next('Price');
+    const late = await h.rawClient(node);
+    await late.subscribe(name);
+    await late.next('Price');
+    await h.sleep(400);
+    assert.deepEqual(r.events().map((e) => ({ name: e.name, channel: e.channel })), [{ name: 'cache_miss', channel: name }]);
+    assert.ok(r.requests.every((q) => q.valid), 'the pusher SDK accepts the signature');
+  });
+
   it('event_types and channel_prefixes pick what each URL gets', async () => {
     const [onlyVacated, onlyPresence] = await nodeWithHooks([
       { config: { event_types: ['channel_vacated'] } },
