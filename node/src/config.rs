@@ -154,6 +154,10 @@ pub struct AppConfig {
     pub laravel_redis_prefix: Option<String>,
     /// `[[apps.webhooks]]`: URLs that get Pusher's webhooks (docs/webhooks.md).
     pub webhooks: Vec<belfry_coordinator::webhook::WebhookTarget>,
+    /// Send `pusher_internal:subscription_count` (pusher-js:
+    /// `pusher:subscription_count`) to the subscribers of every channel but
+    /// presence ones, at most once a second per channel, cluster-wide.
+    pub subscription_count_events: bool,
 }
 
 impl Default for AppConfig {
@@ -180,6 +184,7 @@ impl Default for AppConfig {
             cache_ttl_secs: 1_800,
             laravel_redis_prefix: None,
             webhooks: Vec::new(),
+            subscription_count_events: false,
         }
     }
 }

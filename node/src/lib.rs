@@ -21,6 +21,7 @@ pub mod protocol;
 pub mod registry;
 pub mod server;
 pub mod shutdown;
+pub mod subscription_count;
 pub mod telemetry;
 pub mod tls;
 pub mod websocket;

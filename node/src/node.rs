@@ -190,7 +190,7 @@ impl Node {
         } = stores;
         let hub = Arc::new(Hub::new(bus.clone()));
         background.spawn(hub.clone().run(stop.clone()));
-        Arc::new(Node {
+        let node = Arc::new(Node {
             config,
             registry,
             bus,
@@ -199,13 +199,16 @@ impl Node {
             shutdown: Shutdown::default(),
             tasks: TaskTracker::new(),
             connections: Mutex::new(HashMap::new()),
-            background,
-            stop,
+            background: background.clone(),
+            stop: stop.clone(),
             occupancy,
             clustered,
             webhooks,
             webhook_sink,
-        })
+        });
+        // Holds the node only while it runs: it returns on `stop`.
+        background.spawn(crate::subscription_count::run(node.clone(), stop));
+        node
     }
 
     pub fn is_clustered(&self) -> bool {

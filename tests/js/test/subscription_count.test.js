@@ -1,0 +1,80 @@
+'use strict';
+// Pusher's subscription counting with pusher-js: `pusher:subscription_count` on channels of an
+// app with subscription_count_events, the latest count at most once a second per channel (a
+// burst of joins is coalesced), cluster-wide over two nodes, never on presence channels, and
+// nothing for apps without the setting.
+const { describe, it, afterEach } = require('node:test');
+const assert = require('node:assert/strict');
+const h = require('../lib/harness');
+
+const COUNTED = { id: 'app1', key: 'app1-key', secret: 'app1-secret', subscription_count_events: true };
+
+let node;
+let cluster;
+afterEach(async () => {
+  await h.cleanupClients();
+  if (node) { await node.stop(); node = null; }
+  if (cluster) { await cluster.stop(); cluster.saveLogs('subscription-count'); cluster = null; }
+});
+
+/** A pusher-js client subscribed to `name`, recording every subscription count it is told. */
+async function counter(n, name) {
+  const client = h.pusherClient(n);
+  await h.connected(client);
+  const channel = await h.subscribed(client, name);
+  const counts = [];
+  channel.bind('pusher:subscription_count', (data) => counts.push(data.subscription_count));
+  return { client, channel, counts };
+}
+
+describe('subscription counts', () => {
+  it('a burst of 30 joins: each subscriber is told the final count, a few frames at most, not one per join', async () => {
+    node = await h.startNode({ apps: [COUNTED] });
+    const name = h.uniq('counted-');
+    const clients = await Promise.all(Array.from({ length: 30 }, () => counter(node, name)));
+    await h.eventually(() => clients.every((c) => c.counts.at(-1) === 30), { timeout: 5000, message: 'everyone told 30' });
+    const start = Date.now();
+    await h.sleep(1500);
+    for (const c of clients) {
+      assert.equal(c.counts.at(-1), 30);
+      assert.ok(c.counts.length <= 4, `coalesced: ${JSON.stringify(c.counts)}`);
+    }
+    // Ten leave: the rest are told 20.
+    for (const c of clients.slice(0, 10)) c.client.unsubscribe(name);
+    await h.eventually(() => clients.slice(10).every((c) => c.counts.at(-1) === 20), { timeout: 5000, message: 'told 20' });
+    assert.ok(Date.now() - start < 10000);
+  });
+
+  it('presence channels get no count, and an app without the setting gets none', async () => {
+    node = await h.startNode({ apps: [COUNTED, { id: 'plain', key: 'plain-key', secret: 'plain-secret' }] });
+    const pres = h.uniq('presence-nocount-');
+    const a = h.pusherClient(node);
+    await h.connected(a);
+    const p = await h.subscribed(a, pres);
+    const presenceCounts = [];
+    p.bind('pusher:subscription_count', (d) => presenceCounts.push(d));
+    const plainApp = node.apps.plain;
+    const b = h.pusherClient(node, plainApp);
+    await h.connected(b);
+    const plain = await h.subscribed(b, h.uniq('plain-'));
+    const plainCounts = [];
+    plain.bind('pusher:subscription_count', (d) => plainCounts.push(d));
+    // A counted channel on the same node shows the ticker is running.
+    const c = await counter(node, h.uniq('counted-'));
+    await h.eventually(() => c.counts.length > 0, { timeout: 5000, message: 'the counted channel got its count' });
+    await h.sleep(1200);
+    assert.deepEqual(presenceCounts, []);
+    assert.deepEqual(plainCounts, []);
+  });
+
+  it('cluster: subscribers on two nodes are told the cluster-wide count', async () => {
+    cluster = await h.startCluster({ nodes: 2, coordinator: false, apps: [COUNTED] });
+    const [A, B] = cluster.nodes;
+    const name = h.uniq('counted-');
+    const onA = await Promise.all(Array.from({ length: 3 }, () => counter(A, name)));
+    const onB = await Promise.all(Array.from({ length: 2 }, () => counter(B, name)));
+    await h.eventually(() => [...onA, ...onB].every((c) => c.counts.at(-1) === 5), { timeout: 6000, message: 'everyone told 5' });
+    onB[0].client.unsubscribe(name);
+    await h.eventually(() => [...onA, onB[1]].every((c) => c.counts.at(-1) === 4), { timeout: 6000, message: 'everyone told 4' });
+  });
+});
