@@ -36,6 +36,18 @@ pub trait Occupancy: Send + Sync + 'static {
         channel: &str,
     ) -> BoxFuture<'static, Result<usize, OccupancyError>>;
 
+    /// The subscription count, and whether this node is the one to report it
+    /// (a count's webhook goes out from one node, not from every node that
+    /// holds subscribers). A single node always is.
+    fn count_to_report(
+        &self,
+        app: &str,
+        channel: &str,
+    ) -> BoxFuture<'static, Result<(usize, bool), OccupancyError>> {
+        let count = self.subscription_count(app, channel);
+        Box::pin(async move { count.await.map(|n| (n, true)) })
+    }
+
     /// Every occupied channel of `app` with its subscription count.
     fn channels(
         &self,

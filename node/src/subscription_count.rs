@@ -9,11 +9,16 @@
 //! one frame a second, the last value wins, and no message crosses the bus:
 //! each node serves its own sockets from the same shared count. Presence
 //! channels never get it (their member list is the count).
+//!
+//! The `subscription_count` webhook follows the same ticks, from one node
+//! per channel (the occupancy store names it) and only when the cluster-wide
+//! count changed; so it needs apps with `subscription_count_events` too.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use belfry_coordinator::webhook::Job;
 use belfry_coordinator::{Delivery, Envelope};
 use futures_util::stream::{self, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -41,8 +46,7 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
     {
         return;
     }
-    // (app, channel) -> (cluster-wide count told, local subscriptions then).
-    let mut told: HashMap<(String, String), (usize, usize)> = HashMap::new();
+    let mut told = HashMap::new();
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -54,8 +58,17 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
     }
 }
 
+/// What a node last did for one channel.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Told {
+    /// The cluster-wide count its subscribers were told.
+    total: usize,
+    /// Its local subscriptions then.
+    local: usize,
+}
+
 /// One look at every counted channel this node holds subscribers of.
-async fn round(node: &Arc<Node>, told: &mut HashMap<(String, String), (usize, usize)>) {
+async fn round(node: &Arc<Node>, told: &mut HashMap<(String, String), Told>) {
     let mut held = Vec::new();
     for app in node
         .registry
@@ -70,7 +83,7 @@ async fn round(node: &Arc<Node>, told: &mut HashMap<(String, String), (usize, us
     }
     let counts: Vec<_> = stream::iter(held)
         .map(|(app, channel, local)| async move {
-            let total = node.occupancy.subscription_count(&app, &channel).await;
+            let total = node.occupancy.count_to_report(&app, &channel).await;
             (app, channel, local, total)
         })
         .buffer_unordered(LOOKUPS)
@@ -79,22 +92,29 @@ async fn round(node: &Arc<Node>, told: &mut HashMap<(String, String), (usize, us
     let mut still = HashMap::with_capacity(counts.len());
     for (app, channel, local, total) in counts {
         let key = (app, channel);
-        let Ok(total) = total else {
+        let Ok((total, reporter)) = total else {
             // Redis is away: say nothing rather than a wrong count.
             if let Some(last) = told.remove(&key) {
                 still.insert(key, last);
             }
             continue;
         };
+        let now = Told { total, local };
+        let last = told.remove(&key);
         // The local count is compared too: a subscriber who joined as
         // another left elsewhere has not been told the (unchanged) count.
-        if told.remove(&key) != Some((total, local)) {
+        if last != Some(now) {
             let data = serde_json::json!({ "subscription_count": total }).to_string();
             let envelope =
                 Envelope::event(&key.0, &key.1, "pusher_internal:subscription_count", data);
             node.registry.deliver(envelope).await;
         }
-        still.insert(key, (total, local));
+        if reporter && last.map(|l| l.total) != Some(total) {
+            let mut job = Job::new(&key.0, &key.1, "subscription_count");
+            job.subscription_count = Some(total);
+            node.webhook(job);
+        }
+        still.insert(key, now);
     }
     // Channels this node no longer holds are forgotten.
     *told = still;

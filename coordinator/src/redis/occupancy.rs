@@ -301,6 +301,27 @@ impl Inner {
         Ok(Self::live_total(counts, &dead))
     }
 
+    /// Subscriptions on `channel` across the cluster, and whether this node
+    /// reports them: the live node with the smallest id among those holding
+    /// some. Nodes agree on it from the same hash, so one of them reports.
+    pub async fn count_to_report(&self, app: &str, channel: &str) -> Result<(usize, bool), String> {
+        let dead = self.dead_nodes().await?;
+        let counts: HashMap<String, i64> = self
+            .redis
+            .client
+            .hgetall(self.keys.occupancy(app, channel))
+            .await
+            .map_err(unavailable)?;
+        let reporter = counts
+            .iter()
+            .filter(|(node, n)| **n > 0 && !dead.contains(*node))
+            .map(|(node, _)| node.as_str())
+            .min()
+            .map(str::to_owned);
+        let mine = reporter.as_deref() == Some(self.node_id.as_str());
+        Ok((Self::live_total(counts, &dead), mine))
+    }
+
     /// Every channel of `app` with subscribers anywhere, with its count.
     pub async fn channels(&self, app: &str) -> Result<Vec<(String, usize)>, String> {
         let names: Vec<String> = self
@@ -533,6 +554,20 @@ impl Occupancy for RedisOccupancy {
         Box::pin(async move {
             inner
                 .subscription_count(&app, &channel)
+                .await
+                .map_err(unavailable_err)
+        })
+    }
+
+    fn count_to_report(
+        &self,
+        app: &str,
+        channel: &str,
+    ) -> BoxFuture<'static, Result<(usize, bool), OccupancyError>> {
+        let (inner, app, channel) = (self.inner.clone(), app.to_owned(), channel.to_owned());
+        Box::pin(async move {
+            inner
+                .count_to_report(&app, &channel)
                 .await
                 .map_err(unavailable_err)
         })

@@ -95,6 +95,11 @@ struct Queued {
 #[derive(Clone)]
 pub struct Dispatcher {
     tx: mpsc::Sender<Queued>,
+    /// Names jobs that come without a stream id (a single node's), so two
+    /// batches of look-alike jobs (two users joining one channel) never share
+    /// an `X-Belfry-Webhook-Id` that receivers deduplicate by.
+    started_ms: u64,
+    sequence: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Dispatcher {
@@ -106,7 +111,11 @@ impl Dispatcher {
     ) -> Dispatcher {
         let (tx, rx) = mpsc::channel(options.queue.max(1));
         tracker.spawn(batch(apps, options, rx, stop, tracker.clone()));
-        Dispatcher { tx }
+        Dispatcher {
+            tx,
+            started_ms: crate::envelope::now_us() / 1000,
+            sequence: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
     }
 
     /// Hands a job over, waiting while the queue is full (the stream
@@ -123,7 +132,13 @@ impl Dispatcher {
 }
 
 impl Sink for Dispatcher {
-    fn send(&self, job: Job) {
+    fn send(&self, mut job: Job) {
+        if job.id.is_empty() {
+            let n = self
+                .sequence
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            job.id = format!("local-{}-{n}", self.started_ms);
+        }
         metrics::counter!("belfry_webhook_queued_total").increment(1);
         if self.tx.try_send(Queued { job, done: None }).is_err() {
             metrics::counter!("belfry_webhook_dropped_total", "reason" => "queue_full")

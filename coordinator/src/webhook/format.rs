@@ -26,6 +26,9 @@ fn event(job: &Job) -> serde_json::Value {
             e.insert(field.into(), value.clone().into());
         }
     }
+    if let Some(n) = job.subscription_count {
+        e.insert("subscription_count".into(), n.into());
+    }
     serde_json::Value::Object(e)
 }
 

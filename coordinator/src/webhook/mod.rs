@@ -44,6 +44,8 @@ pub struct Job {
     pub event: Option<String>,
     pub data: Option<String>,
     pub socket_id: Option<String>,
+    /// `subscription_count`: the channel's cluster-wide subscriptions.
+    pub subscription_count: Option<usize>,
     /// When the edge was decided, ms since the epoch (for the latency metric).
     pub at_ms: u64,
     /// Where the job came from, so a re-delivery carries the same
@@ -61,6 +63,7 @@ impl Job {
             event: None,
             data: None,
             socket_id: None,
+            subscription_count: None,
             at_ms: crate::envelope::now_us() / 1000,
             id: String::new(),
         }

@@ -46,6 +46,9 @@ pub fn fields(job: &Job) -> Vec<(&'static str, String)> {
             f.push((field, value.clone()));
         }
     }
+    if let Some(n) = job.subscription_count {
+        f.push(("subscription_count", n.to_string()));
+    }
     f
 }
 
@@ -116,6 +119,7 @@ fn job_from(id: &str, fields: Vec<(String, String)>) -> Option<Job> {
             "event" => job.event = Some(v),
             "data" => job.data = Some(v),
             "socket_id" => job.socket_id = Some(v),
+            "subscription_count" => job.subscription_count = v.parse().ok(),
             _ => {}
         }
     }

@@ -2,20 +2,44 @@
 // Pusher's subscription counting with pusher-js: `pusher:subscription_count` on channels of an
 // app with subscription_count_events, the latest count at most once a second per channel (a
 // burst of joins is coalesced), cluster-wide over two nodes, never on presence channels, and
-// nothing for apps without the setting.
+// nothing for apps without the setting; the subscription_count webhook from one node per channel.
 const { describe, it, afterEach } = require('node:test');
 const assert = require('node:assert/strict');
 const h = require('../lib/harness');
+const { startReceiver } = require('../lib/webhook_receiver');
 
 const COUNTED = { id: 'app1', key: 'app1-key', secret: 'app1-secret', subscription_count_events: true };
 
 let node;
 let cluster;
+let receiver;
 afterEach(async () => {
   await h.cleanupClients();
   if (node) { await node.stop(); node = null; }
   if (cluster) { await cluster.stop(); cluster.saveLogs('subscription-count'); cluster = null; }
+  if (receiver) { await receiver.close(); receiver = null; }
 });
+
+/** The subscription_count webhooks for `channel`, deduplicated by webhook id, as their counts. */
+function hookCounts(channel) {
+  const seen = new Set();
+  const out = [];
+  for (const r of receiver.accepted()) {
+    const id = r.headers['x-belfry-webhook-id'];
+    if (seen.has(id)) continue;
+    seen.add(id);
+    for (const e of r.body.events) {
+      if (e.channel === channel && e.name === 'subscription_count') out.push(e.subscription_count);
+    }
+  }
+  return out;
+}
+
+/** The counted app with a webhook URL that wants subscription_count. */
+async function countedWithHook() {
+  receiver = await startReceiver(COUNTED, {});
+  return { ...COUNTED, webhooks: [{ url: receiver.url, event_types: ['subscription_count'] }] };
+}
 
 /** A pusher-js client subscribed to `name`, recording every subscription count it is told. */
 async function counter(n, name) {
@@ -29,7 +53,7 @@ async function counter(n, name) {
 
 describe('subscription counts', () => {
   it('a burst of 30 joins: each subscriber is told the final count, a few frames at most, not one per join', async () => {
-    node = await h.startNode({ apps: [COUNTED] });
+    node = await h.startNode({ apps: [await countedWithHook()] });
     const name = h.uniq('counted-');
     const clients = await Promise.all(Array.from({ length: 30 }, () => counter(node, name)));
     await h.eventually(() => clients.every((c) => c.counts.at(-1) === 30), { timeout: 5000, message: 'everyone told 30' });
@@ -43,6 +67,13 @@ describe('subscription counts', () => {
     for (const c of clients.slice(0, 10)) c.client.unsubscribe(name);
     await h.eventually(() => clients.slice(10).every((c) => c.counts.at(-1) === 20), { timeout: 5000, message: 'told 20' });
     assert.ok(Date.now() - start < 10000);
+    // The webhook is coalesced the same way: a few counts, ending at 20, each one a change.
+    await h.eventually(() => hookCounts(name).at(-1) === 20, { timeout: 5000, message: 'webhook with 20' });
+    const counts = hookCounts(name);
+    assert.ok(counts.length <= 6, `coalesced webhooks: ${JSON.stringify(counts)}`);
+    assert.ok(counts.includes(30), `the count of 30 was reported: ${JSON.stringify(counts)}`);
+    for (let i = 1; i < counts.length; i++) assert.notEqual(counts[i], counts[i - 1], `only changes: ${JSON.stringify(counts)}`);
+    assert.ok(receiver.requests.every((r) => r.valid), 'the pusher SDK accepts every request');
   });
 
   it('presence channels get no count, and an app without the setting gets none', async () => {
@@ -68,7 +99,9 @@ describe('subscription counts', () => {
   });
 
   it('cluster: subscribers on two nodes are told the cluster-wide count', async () => {
-    cluster = await h.startCluster({ nodes: 2, coordinator: false, apps: [COUNTED] });
+    const app = await countedWithHook();
+    cluster = await h.startCluster({ nodes: 2, coordinator: false, apps: [app] });
+    await cluster.addCoordinator({ args: ['--config', cluster.nodes[0].configFile] });
     const [A, B] = cluster.nodes;
     const name = h.uniq('counted-');
     const onA = await Promise.all(Array.from({ length: 3 }, () => counter(A, name)));
@@ -76,5 +109,12 @@ describe('subscription counts', () => {
     await h.eventually(() => [...onA, ...onB].every((c) => c.counts.at(-1) === 5), { timeout: 6000, message: 'everyone told 5' });
     onB[0].client.unsubscribe(name);
     await h.eventually(() => [...onA, onB[1]].every((c) => c.counts.at(-1) === 4), { timeout: 6000, message: 'everyone told 4' });
+    // One node reports each count: no value twice in a row, though both nodes hold subscribers.
+    await h.eventually(() => hookCounts(name).at(-1) === 4, { timeout: 8000, message: 'webhook with 4' });
+    await h.sleep(1500);
+    const counts = hookCounts(name);
+    assert.ok(counts.includes(5), `5 reported: ${JSON.stringify(counts)}`);
+    assert.equal(counts.at(-1), 4);
+    for (let i = 1; i < counts.length; i++) assert.notEqual(counts[i], counts[i - 1], `one reporter: ${JSON.stringify(counts)}`);
   });
 });

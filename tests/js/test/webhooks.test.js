@@ -93,6 +93,8 @@ describe('webhooks (single node)', () => {
       r.events().map((e) => `${e.name} ${e.channel} ${e.user_id}`),
       [`member_added ${name} u1`, `member_added ${name} 42`, `member_removed ${name} u1`, `member_removed ${name} 42`],
     );
+    const ids = r.requests.map((q) => q.headers['x-belfry-webhook-id']);
+    assert.equal(new Set(ids).size, ids.length, `batches of look-alike jobs have their own webhook ids: ${ids}`);
     for (const req of r.requests) {
       assert.equal(req.valid, true, 'the pusher SDK accepts the signature');
       for (const e of req.body.events) {
