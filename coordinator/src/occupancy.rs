@@ -36,16 +36,25 @@ pub trait Occupancy: Send + Sync + 'static {
         channel: &str,
     ) -> BoxFuture<'static, Result<usize, OccupancyError>>;
 
-    /// The subscription count, and whether this node is the one to report it
-    /// (a count's webhook goes out from one node, not from every node that
-    /// holds subscribers). A single node always is.
-    fn count_to_report(
+    /// Each channel's subscription count, and whether this node is the one
+    /// to report it (a count's webhook goes out from one node, not from
+    /// every node that holds subscribers). A single node always is.
+    fn counts_to_report(
         &self,
         app: &str,
-        channel: &str,
-    ) -> BoxFuture<'static, Result<(usize, bool), OccupancyError>> {
-        let count = self.subscription_count(app, channel);
-        Box::pin(async move { count.await.map(|n| (n, true)) })
+        channels: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<(usize, bool)>, OccupancyError>> {
+        let counts: Vec<_> = channels
+            .iter()
+            .map(|c| self.subscription_count(app, c))
+            .collect();
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(counts.len());
+            for count in counts {
+                out.push((count.await?, true));
+            }
+            Ok(out)
+        })
     }
 
     /// Every occupied channel of `app` with its subscription count.

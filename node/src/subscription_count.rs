@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use belfry_coordinator::webhook::Job;
 use belfry_coordinator::{Delivery, Envelope};
-use futures_util::stream::{self, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::node::Node;
@@ -28,8 +27,6 @@ use crate::registry::ONLINE_CHANNEL;
 
 /// How often counts are looked at: Pusher's "at most once a second".
 pub const EVERY: Duration = Duration::from_secs(1);
-/// Count lookups in flight at once (one Redis round trip each in a cluster).
-const LOOKUPS: usize = 32;
 
 /// Whether `channel` gets subscription counts.
 fn counted(channel: &str) -> bool {
@@ -67,54 +64,51 @@ struct Told {
     local: usize,
 }
 
-/// One look at every counted channel this node holds subscribers of.
+/// One look at every counted channel this node holds subscribers of: one
+/// batched count lookup per app.
 async fn round(node: &Arc<Node>, told: &mut HashMap<(String, String), Told>) {
-    let mut held = Vec::new();
+    let mut still = HashMap::with_capacity(told.len());
     for app in node
         .registry
         .apps()
         .filter(|a| a.config.subscription_count_events)
     {
-        for (channel, local) in app.channels() {
-            if counted(&channel) {
-                held.push((app.config.id.clone(), channel, local.subscriptions));
-            }
-        }
-    }
-    let counts: Vec<_> = stream::iter(held)
-        .map(|(app, channel, local)| async move {
-            let total = node.occupancy.count_to_report(&app, &channel).await;
-            (app, channel, local, total)
-        })
-        .buffer_unordered(LOOKUPS)
-        .collect()
-        .await;
-    let mut still = HashMap::with_capacity(counts.len());
-    for (app, channel, local, total) in counts {
-        let key = (app, channel);
-        let Ok((total, reporter)) = total else {
+        let id = &app.config.id;
+        let (names, locals): (Vec<String>, Vec<usize>) = app
+            .channels()
+            .into_iter()
+            .filter(|(channel, _)| counted(channel))
+            .map(|(channel, local)| (channel, local.subscriptions))
+            .unzip();
+        let Ok(counts) = node.occupancy.counts_to_report(id, names.clone()).await else {
             // Redis is away: say nothing rather than a wrong count.
-            if let Some(last) = told.remove(&key) {
-                still.insert(key, last);
+            for name in names {
+                let key = (id.clone(), name);
+                if let Some(last) = told.remove(&key) {
+                    still.insert(key, last);
+                }
             }
             continue;
         };
-        let now = Told { total, local };
-        let last = told.remove(&key);
-        // The local count is compared too: a subscriber who joined as
-        // another left elsewhere has not been told the (unchanged) count.
-        if last != Some(now) {
-            let data = serde_json::json!({ "subscription_count": total }).to_string();
-            let envelope =
-                Envelope::event(&key.0, &key.1, "pusher_internal:subscription_count", data);
-            node.registry.deliver(envelope).await;
+        for ((name, local), (total, reporter)) in names.into_iter().zip(locals).zip(counts) {
+            let key = (id.clone(), name);
+            let now = Told { total, local };
+            let last = told.remove(&key);
+            // The local count is compared too: a subscriber who joined as
+            // another left elsewhere has not been told the (unchanged) count.
+            if last != Some(now) {
+                let data = serde_json::json!({ "subscription_count": total }).to_string();
+                let envelope =
+                    Envelope::event(&key.0, &key.1, "pusher_internal:subscription_count", data);
+                node.registry.deliver(envelope).await;
+            }
+            if reporter && last.map(|l| l.total) != Some(total) {
+                let mut job = Job::new(&key.0, &key.1, "subscription_count");
+                job.subscription_count = Some(total);
+                node.webhook(job);
+            }
+            still.insert(key, now);
         }
-        if reporter && last.map(|l| l.total) != Some(total) {
-            let mut job = Job::new(&key.0, &key.1, "subscription_count");
-            job.subscription_count = Some(total);
-            node.webhook(job);
-        }
-        still.insert(key, now);
     }
     // Channels this node no longer holds are forgotten.
     *told = still;

@@ -301,25 +301,51 @@ impl Inner {
         Ok(Self::live_total(counts, &dead))
     }
 
-    /// Subscriptions on `channel` across the cluster, and whether this node
-    /// reports them: the live node with the smallest id among those holding
-    /// some. Nodes agree on it from the same hash, so one of them reports.
-    pub async fn count_to_report(&self, app: &str, channel: &str) -> Result<(usize, bool), String> {
+    /// Each channel's subscriptions across the cluster, and whether this
+    /// node reports them: the live node with the smallest id among those
+    /// holding some. Nodes agree on it from the same hash, so one of them
+    /// reports. One dead-node lookup, and the hashes pipelined.
+    pub async fn counts_to_report(
+        &self,
+        app: &str,
+        channels: &[String],
+    ) -> Result<Vec<(usize, bool)>, String> {
         let dead = self.dead_nodes().await?;
-        let counts: HashMap<String, i64> = self
-            .redis
-            .client
-            .hgetall(self.keys.occupancy(app, channel))
-            .await
-            .map_err(unavailable)?;
-        let reporter = counts
-            .iter()
-            .filter(|(node, n)| **n > 0 && !dead.contains(*node))
-            .map(|(node, _)| node.as_str())
-            .min()
-            .map(str::to_owned);
-        let mine = reporter.as_deref() == Some(self.node_id.as_str());
-        Ok((Self::live_total(counts, &dead), mine))
+        let hashes = self.occupancy_hashes(app, channels).await?;
+        Ok(hashes
+            .into_iter()
+            .map(|counts| {
+                let reporter = counts
+                    .iter()
+                    .filter(|(node, n)| **n > 0 && !dead.contains(*node))
+                    .map(|(node, _)| node.as_str())
+                    .min();
+                let mine = reporter == Some(self.node_id.as_str());
+                (Self::live_total(counts, &dead), mine)
+            })
+            .collect())
+    }
+
+    /// The occupancy hashes (node -> subscriptions) of `names`, in order,
+    /// pipelined 200 at a time.
+    async fn occupancy_hashes(
+        &self,
+        app: &str,
+        names: &[String],
+    ) -> Result<Vec<HashMap<String, i64>>, String> {
+        let mut out = Vec::with_capacity(names.len());
+        for chunk in names.chunks(200) {
+            let pipeline = self.redis.client.pipeline();
+            for name in chunk {
+                let _: () = pipeline
+                    .hgetall(self.keys.occupancy(app, name))
+                    .await
+                    .map_err(unavailable)?;
+            }
+            let counts: Vec<HashMap<String, i64>> = pipeline.all().await.map_err(unavailable)?;
+            out.extend(counts);
+        }
+        Ok(out)
     }
 
     /// Every channel of `app` with subscribers anywhere, with its count.
@@ -331,24 +357,13 @@ impl Inner {
             .await
             .map_err(unavailable)?;
         let dead = self.dead_nodes().await?;
-        let mut out = Vec::with_capacity(names.len());
-        for chunk in names.chunks(200) {
-            let pipeline = self.redis.client.pipeline();
-            for name in chunk {
-                let _: () = pipeline
-                    .hgetall(self.keys.occupancy(app, name))
-                    .await
-                    .map_err(unavailable)?;
-            }
-            let counts: Vec<HashMap<String, i64>> = pipeline.all().await.map_err(unavailable)?;
-            for (name, counts) in chunk.iter().zip(counts) {
-                let total = Self::live_total(counts, &dead);
-                if total > 0 {
-                    out.push((name.clone(), total));
-                }
-            }
-        }
-        Ok(out)
+        let hashes = self.occupancy_hashes(app, &names).await?;
+        Ok(names
+            .into_iter()
+            .zip(hashes)
+            .map(|(name, counts)| (name, Self::live_total(counts, &dead)))
+            .filter(|(_, total)| *total > 0)
+            .collect())
     }
 
     pub fn connection_opened(&self, app: &str) {
@@ -559,15 +574,15 @@ impl Occupancy for RedisOccupancy {
         })
     }
 
-    fn count_to_report(
+    fn counts_to_report(
         &self,
         app: &str,
-        channel: &str,
-    ) -> BoxFuture<'static, Result<(usize, bool), OccupancyError>> {
-        let (inner, app, channel) = (self.inner.clone(), app.to_owned(), channel.to_owned());
+        channels: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<(usize, bool)>, OccupancyError>> {
+        let (inner, app) = (self.inner.clone(), app.to_owned());
         Box::pin(async move {
             inner
-                .count_to_report(&app, &channel)
+                .counts_to_report(&app, &channels)
                 .await
                 .map_err(unavailable_err)
         })

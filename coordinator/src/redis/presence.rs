@@ -428,20 +428,23 @@ fn channel_keys(keys: &Keys, app: &str, channel: &str) -> Vec<String> {
 /// undo, which change no one's membership as the app saw it.
 type Hooks<'a> = Option<&'a WebhookApps>;
 
-/// The webhook stream key (unless on a Redis Cluster, where the stream is in
-/// another slot and the job is queued after the script) and the script's
-/// webhook arguments: wanted, app, channel, MAXLEN.
-fn hook_args(
+/// A presence script's keys: the channel's, then the webhook stream's
+/// (unless on a Redis Cluster, where the stream is in another slot and the
+/// job is queued after the script); and its webhook arguments: wanted, app,
+/// channel, MAXLEN.
+fn script_keys(
     redis: &Redis,
     keys: &Keys,
     hooks: Hooks,
     app: &str,
     channel: &str,
     name: &str,
-) -> (Option<String>, [String; 4]) {
+) -> (Vec<String>, [String; 4]) {
     let wanted = hooks.is_some_and(|h| h.wants(app, name, channel));
+    let mut script_keys = channel_keys(keys, app, channel);
+    script_keys.extend((!redis.clustered).then(|| keys.webhook_queue()));
     (
-        (!redis.clustered).then(|| keys.webhook_queue()),
+        script_keys,
         [
             if wanted { "1" } else { "0" }.to_owned(),
             app.to_owned(),
@@ -482,7 +485,7 @@ async fn join_script(
     with_members: bool,
     hooks: Hooks<'_>,
 ) -> Result<Option<Joined>, Error> {
-    let (stream_key, hook) = hook_args(
+    let (keys, hook) = script_keys(
         &inner.redis,
         &inner.keys,
         hooks,
@@ -499,8 +502,6 @@ async fn join_script(
         if with_members { "0" } else { "1" }.to_owned(),
     ];
     args.extend(hook);
-    let mut keys = channel_keys(&inner.keys, app, channel);
-    keys.extend(stream_key);
     let reply: Vec<Value> = JOIN
         .evalsha_with_reload(&inner.redis.client, keys, args)
         .await?;
@@ -545,16 +546,14 @@ pub(crate) async fn leave_socket(
     socket_id: &str,
     cutoff: Option<u64>,
 ) -> Result<LeaveOutcome, Error> {
-    let (stream_key, hook) = hook_args(redis, keys, hooks, app, channel, "member_removed");
+    let (script, hook) = script_keys(redis, keys, hooks, app, channel, "member_removed");
     let mut args = vec![
         socket_id.to_owned(),
         cutoff.map(|c| c.to_string()).unwrap_or_default(),
     ];
     args.extend(hook);
-    let mut script_keys = channel_keys(keys, app, channel);
-    script_keys.extend(stream_key);
     let reply: Vec<Value> = LEAVE
-        .evalsha_with_reload(&redis.client, script_keys, args)
+        .evalsha_with_reload(&redis.client, script, args)
         .await?;
     let mut reply = reply.into_iter();
     let remaining = reply.next().and_then(|v| v.as_i64()).unwrap_or(0);

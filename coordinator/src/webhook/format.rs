@@ -16,12 +16,7 @@ fn event(job: &Job) -> serde_json::Value {
     let mut e = serde_json::Map::new();
     e.insert("name".into(), job.name.clone().into());
     e.insert("channel".into(), job.channel.clone().into());
-    for (field, value) in [
-        ("event", &job.event),
-        ("data", &job.data),
-        ("socket_id", &job.socket_id),
-        ("user_id", &job.user_id),
-    ] {
+    for (field, value) in job.optional_fields() {
         if let Some(value) = value {
             e.insert(field.into(), value.clone().into());
         }

@@ -70,6 +70,18 @@ impl Job {
     }
 }
 
+impl Job {
+    /// The optional string fields, by their Pusher (and stream) names.
+    pub fn optional_fields(&self) -> [(&'static str, Option<&String>); 4] {
+        [
+            ("user_id", self.user_id.as_ref()),
+            ("event", self.event.as_ref()),
+            ("data", self.data.as_ref()),
+            ("socket_id", self.socket_id.as_ref()),
+        ]
+    }
+}
+
 /// Where a decided edge goes. `send` never waits: an unreachable webhook
 /// URL must not slow the sockets.
 pub trait Sink: Send + Sync + 'static {

@@ -36,12 +36,7 @@ pub fn fields(job: &Job) -> Vec<(&'static str, String)> {
         ("channel", job.channel.clone()),
         ("name", job.name.clone()),
     ];
-    for (field, value) in [
-        ("user_id", &job.user_id),
-        ("event", &job.event),
-        ("data", &job.data),
-        ("socket_id", &job.socket_id),
-    ] {
+    for (field, value) in job.optional_fields() {
         if let Some(value) = value {
             f.push((field, value.clone()));
         }

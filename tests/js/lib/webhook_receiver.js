@@ -6,9 +6,10 @@ const Pusher = require('pusher');
 
 /**
  * Starts a receiver for `app` ({id, key, secret}). options.respond(req#) returns the status
- * to answer (default 200). Returns { url, requests, events(), accepted(), close() }: `requests`
- * holds every request as { status, valid, body, headers, at }; `events()` the events of the
- * accepted (2xx) requests in arrival order.
+ * to answer (default 200). Returns { url, requests, events(), accepted(), delivered(), close() }:
+ * `requests` holds every request as { status, valid, body, headers, at }; `events()` the events
+ * of the accepted (2xx) requests in arrival order; `delivered()` the same with a batch that was
+ * delivered again (same X-Belfry-Webhook-Id) counted once, as a deduplicating receiver sees them.
  */
 async function startReceiver(app, options = {}) {
   const pusher = new Pusher({ appId: app.id, key: app.key, secret: app.secret });
@@ -34,6 +35,15 @@ async function startReceiver(app, options = {}) {
     requests,
     accepted: () => requests.filter((r) => r.status < 300),
     events: () => requests.filter((r) => r.status < 300).flatMap((r) => r.body.events.map((e) => ({ ...e, at: r.at }))),
+    delivered: () => {
+      const seen = new Set();
+      return requests.filter((r) => r.status < 300).filter((r) => {
+        const id = r.headers['x-belfry-webhook-id'];
+        if (seen.has(id)) return false;
+        seen.add(id);
+        return true;
+      }).flatMap((r) => r.body.events);
+    },
     close: () => new Promise((resolve) => { server.closeAllConnections(); server.close(() => resolve()); }),
   };
 }

@@ -22,17 +22,9 @@ afterEach(async () => {
 
 /** The subscription_count webhooks for `channel`, deduplicated by webhook id, as their counts. */
 function hookCounts(channel) {
-  const seen = new Set();
-  const out = [];
-  for (const r of receiver.accepted()) {
-    const id = r.headers['x-belfry-webhook-id'];
-    if (seen.has(id)) continue;
-    seen.add(id);
-    for (const e of r.body.events) {
-      if (e.channel === channel && e.name === 'subscription_count') out.push(e.subscription_count);
-    }
-  }
-  return out;
+  return receiver.delivered()
+    .filter((e) => e.channel === channel && e.name === 'subscription_count')
+    .map((e) => e.subscription_count);
 }
 
 /** The counted app with a webhook URL that wants subscription_count. */
