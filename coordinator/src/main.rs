@@ -82,7 +82,9 @@ struct RunArgs {
     #[arg(long, env = "BELFRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
     /// The nodes' TOML configuration file; its `[[apps]]` give the webhook
-    /// URLs and the secrets to sign with. Without it no webhooks are sent.
+    /// URLs and the secrets to sign with. Without it, the app REVERB_APP_ID,
+    /// REVERB_APP_KEY and REVERB_APP_SECRET define gets the webhooks of
+    /// BELFRY_WEBHOOK_URL, BELFRY_WEBHOOK_EVENT_TYPES and BELFRY_WEBHOOK_GRACE_MS.
     #[arg(long, env = "BELFRY_CONFIG")]
     config: Option<std::path::PathBuf>,
     /// How long a refused webhook is retried before it is dropped, in seconds.
@@ -133,13 +135,29 @@ struct PublishArgs {
 }
 
 /// The Redis a Laravel app's `REDIS_*` name, from the environment or `.env`.
-fn laravel_redis_url(env_file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+/// Runs `read` over the environment layered over `--env-file`, as the nodes
+/// read a Laravel `.env`: the process environment wins.
+fn with_laravel_env<T>(
+    env_file: Option<&std::path::Path>,
+    read: impl FnOnce(&dyn Fn(&str) -> Option<String>) -> T,
+) -> anyhow::Result<T> {
     use belfry_coordinator::dotenv::{self, DotEnv};
     let process = |name: &str| std::env::var(name).ok();
     let file = env_file.map(|p| DotEnv::read(p, &process)).transpose()?;
     let env = dotenv::layered(&process, file.as_ref());
-    let url = dotenv::laravel_redis_url(&env);
-    Ok(url)
+    Ok(read(&env))
+}
+
+fn laravel_redis_url(env_file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    with_laravel_env(env_file, belfry_coordinator::dotenv::laravel_redis_url)
+}
+
+/// The app `REVERB_APP_*` define, with its `BELFRY_WEBHOOK_*` webhooks.
+fn env_webhook_app(
+    env_file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<belfry_coordinator::webhook::WebhookApp>> {
+    with_laravel_env(env_file, belfry_coordinator::webhook::config::env_app)?
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 fn main() {
@@ -192,6 +210,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot read {}", path.display()))?;
         let apps = WebhookApps::from_toml(&text)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        options.webhooks = std::sync::Arc::new(apps);
+    } else if let Some(app) = env_webhook_app(args.env_file.as_deref())? {
+        // Configured by environment like the nodes (docker-compose, a Laravel .env).
+        let apps = WebhookApps::new([app]).map_err(|e| anyhow::anyhow!(e))?;
         options.webhooks = std::sync::Arc::new(apps);
     }
     options.dispatch.retry_for = Duration::from_secs(args.webhook_retry_secs);

@@ -85,6 +85,9 @@ pub struct Cli {
     /// HTTP API requests per second for every app, overriding the file; over it: 429 (0 = none).
     #[arg(long, env = "BELFRY_API_REQUESTS_PER_SECOND")]
     pub api_requests_per_second: Option<u32>,
+    /// Seconds a refused webhook is retried before it is dropped, on a single node [default: 600].
+    #[arg(long, env = "BELFRY_WEBHOOK_RETRY_SECS")]
+    pub webhook_retry_secs: Option<u64>,
     /// Seconds from SIGTERM to exit, at most [default: 25].
     #[arg(long, env = "BELFRY_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
@@ -158,6 +161,9 @@ pub struct AppConfig {
     /// `pusher:subscription_count`) to the subscribers of every channel but
     /// presence ones, at most once a second per channel, cluster-wide.
     pub subscription_count_events: bool,
+    /// Milliseconds a `channel_vacated` or `member_removed` webhook waits;
+    /// the pair is left out if the channel or user is back within it.
+    pub webhook_grace_ms: u64,
 }
 
 impl Default for AppConfig {
@@ -185,6 +191,7 @@ impl Default for AppConfig {
             laravel_redis_prefix: None,
             webhooks: Vec::new(),
             subscription_count_events: false,
+            webhook_grace_ms: belfry_coordinator::webhook::config::DEFAULT_GRACE_MS,
         }
     }
 }
@@ -239,6 +246,9 @@ pub struct Config {
     /// own sockets, so one channel's fan-out runs on every core. 0 means one
     /// per available CPU.
     pub fanout_shards: usize,
+    /// Single node: seconds a refused webhook is retried before it is
+    /// dropped (in a cluster the coordinator's `--webhook-retry-secs`).
+    pub webhook_retry_secs: u64,
     /// Seconds between SIGTERM and the process exiting, at most.
     pub shutdown_grace_secs: u64,
     /// Seconds readiness fails before clients are closed, so load balancers stop sending new ones.
@@ -271,6 +281,7 @@ impl Default for Config {
             body_timeout_secs: 10,
             fd_reserve: 128,
             fanout_shards: 0,
+            webhook_retry_secs: 600,
             shutdown_grace_secs: 25,
             drain_delay_secs: 1,
             apps: Vec::new(),
@@ -388,6 +399,9 @@ impl Config {
         }
         if let Some(n) = cli.fd_reserve {
             config.fd_reserve = n;
+        }
+        if let Some(n) = cli.webhook_retry_secs {
+            config.webhook_retry_secs = n;
         }
         if let Some(n) = cli.fanout_shards {
             config.fanout_shards = n;

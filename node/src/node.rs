@@ -84,9 +84,13 @@ impl Node {
         let sink: Arc<dyn Sink> = if webhooks.is_empty() {
             Arc::new(NoSink)
         } else {
+            let options = DispatchOptions {
+                retry_for: Duration::from_secs(config.webhook_retry_secs),
+                ..DispatchOptions::default()
+            };
             Arc::new(Dispatcher::start(
                 webhooks.clone(),
-                DispatchOptions::default(),
+                options,
                 stop.clone(),
                 background.clone(),
             ))
@@ -378,6 +382,7 @@ fn webhook_apps(config: &Config) -> Arc<WebhookApps> {
         key: a.key.clone(),
         secret: a.secret.clone(),
         webhooks: a.webhooks.clone(),
+        webhook_grace_ms: a.webhook_grace_ms,
     });
     // The configuration was checked when it was loaded.
     Arc::new(WebhookApps::new(apps).unwrap_or_default())

@@ -550,9 +550,15 @@ def check_compose_shape() -> str:
         for k in ("REVERB_APP_ID", "REVERB_APP_KEY", "REVERB_APP_SECRET"):
             assert env.get(k), f"{n} lacks {k}"
     assert svcs["node1"]["environment"]["REVERB_APP_KEY"] == svcs["node2"]["environment"]["REVERB_APP_KEY"]
+    # The coordinator delivers the webhooks: it needs the same app and the same webhook variables.
+    cenv = svcs["coordinator"].get("environment", {})
+    for k in ("REVERB_APP_ID", "REVERB_APP_KEY", "REVERB_APP_SECRET", "BELFRY_WEBHOOK_URL",
+              "BELFRY_WEBHOOK_EVENT_TYPES", "BELFRY_WEBHOOK_GRACE_MS"):
+        assert k in cenv and k in svcs["node1"]["environment"], f"coordinator or node1 lacks {k}"
+        assert cenv[k] == svcs["node1"]["environment"][k], f"{k} differs between node1 and the coordinator"
     vols = " ".join(str(v) for v in svcs["prometheus"].get("volumes", []))
     assert "prometheus.yml" in vols, "prometheus.yml not mounted"
-    return "redis, node1 (8080), node2 (8081), coordinator, prometheus; all with healthchecks; same app on both nodes"
+    return "redis, node1 (8080), node2 (8081), coordinator, prometheus; all with healthchecks; same app and webhooks on the nodes and the coordinator"
 
 
 def check_prometheus() -> str:

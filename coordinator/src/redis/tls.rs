@@ -21,39 +21,51 @@ pub struct RedisTls(pub Arc<ClientConfig>);
 impl RedisTls {
     /// System roots plus the PEM certificates in `ca`, if given.
     pub fn new(ca: Option<&Path>) -> Result<RedisTls, String> {
-        let mut roots = RootCertStore::empty();
-        // A missing or partly unreadable system store is not fatal: with a
-        // CA file the connection can still be verified.
-        for cert in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(cert);
-        }
-        if let Some(path) = ca {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("cannot read the Redis CA file {}: {e}", path.display()))?
-                .collect::<Result<_, _>>()
-                .map_err(|e| format!("the Redis CA file {} is not PEM: {e}", path.display()))?;
-            if certs.is_empty() {
-                return Err(format!(
-                    "the Redis CA file {} holds no certificate",
-                    path.display()
-                ));
-            }
-            for cert in certs {
-                roots.add(cert).map_err(|e| {
-                    format!("the Redis CA file {} is not a CA: {e}", path.display())
-                })?;
-            }
-        }
-        if roots.is_empty() {
-            return Err(
-                "rediss:// needs a CA to trust: the system has none; set redis_tls_ca".into(),
-            );
-        }
-        let config = ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Ok(RedisTls(Arc::new(config)))
+        client_config(ca, "Redis", "redis_tls_ca").map(RedisTls)
     }
+}
+
+/// A rustls client configuration trusting the system's roots (which
+/// `SSL_CERT_FILE` and `SSL_CERT_DIR` replace) plus the PEM certificates in
+/// `ca`. `what` and `setting` name the peer and the setting in errors.
+pub fn client_config(
+    ca: Option<&Path>,
+    what: &str,
+    setting: &str,
+) -> Result<Arc<ClientConfig>, String> {
+    let mut roots = RootCertStore::empty();
+    // A missing or partly unreadable system store is not fatal: with a
+    // CA file the connection can still be verified.
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("cannot read the {what} CA file {}: {e}", path.display()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("the {what} CA file {} is not PEM: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "the {what} CA file {} holds no certificate",
+                path.display()
+            ));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| format!("the {what} CA file {} is not a CA: {e}", path.display()))?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "TLS to {what} needs a CA to trust: the system has none; set {setting}"
+        ));
+    }
+    Ok(Arc::new(
+        ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
 }
 
 impl std::fmt::Debug for RedisTls {

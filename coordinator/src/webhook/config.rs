@@ -22,7 +22,7 @@ pub const EVENT_TYPES: [&str; 7] = [
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookTarget {
-    /// Where the POSTs go (`http://`).
+    /// Where the POSTs go (`http://` or `https://`).
     pub url: String,
     /// Which events this URL gets; every type when left out.
     #[serde(default = "all_event_types")]
@@ -45,11 +45,8 @@ impl WebhookTarget {
 
     /// A configuration error, said once at start.
     pub fn check(&self) -> Result<(), String> {
-        if !self.url.starts_with("http://") {
-            return Err(format!(
-                "webhook url {:?}: only http:// URLs are supported",
-                self.url
-            ));
+        if let Err(e) = super::client::Target::parse(&self.url) {
+            return Err(format!("webhook url {:?}: {e}", self.url));
         }
         if let Some(bad) = self
             .event_types
@@ -65,6 +62,16 @@ impl WebhookTarget {
     }
 }
 
+/// Pusher's debounce: a `channel_vacated` or `member_removed` waits this
+/// long, and is left out with the `channel_occupied` or `member_added` that
+/// undoes it inside the window (a page reload, a dropped connection that
+/// comes back).
+pub const DEFAULT_GRACE_MS: u64 = 3_000;
+
+fn default_grace_ms() -> u64 {
+    DEFAULT_GRACE_MS
+}
+
 /// One app as the webhooks need it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct WebhookApp {
@@ -73,6 +80,9 @@ pub struct WebhookApp {
     pub secret: String,
     #[serde(default)]
     pub webhooks: Vec<WebhookTarget>,
+    /// How long `channel_vacated` and `member_removed` are held back (0: sent at once).
+    #[serde(default = "default_grace_ms")]
+    pub webhook_grace_ms: u64,
 }
 
 /// Every app with webhooks, by id.
@@ -128,6 +138,77 @@ impl WebhookApps {
     }
 }
 
+/// The variables that give the app `REVERB_APP_*` define its webhooks, for
+/// deployments configured by environment (docker-compose, a Laravel `.env`).
+pub const ENV_VARIABLES: [&str; 3] = [
+    "BELFRY_WEBHOOK_URL",
+    "BELFRY_WEBHOOK_EVENT_TYPES",
+    "BELFRY_WEBHOOK_GRACE_MS",
+];
+
+/// The webhooks `BELFRY_WEBHOOK_URL` (comma-separated URLs),
+/// `BELFRY_WEBHOOK_EVENT_TYPES` (comma-separated; every type when unset) and
+/// `BELFRY_WEBHOOK_GRACE_MS` give, and the grace period if set. Empty
+/// values count as unset.
+pub fn from_env(
+    get: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Vec<WebhookTarget>, Option<u64>), String> {
+    let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
+    let list = |v: String| -> Vec<String> {
+        v.split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    let event_types = get("BELFRY_WEBHOOK_EVENT_TYPES")
+        .map(list)
+        .unwrap_or_else(all_event_types);
+    let targets: Vec<WebhookTarget> = get("BELFRY_WEBHOOK_URL")
+        .map(list)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|url| WebhookTarget {
+            url,
+            event_types: event_types.clone(),
+            channel_prefixes: Vec::new(),
+        })
+        .collect();
+    for target in &targets {
+        target
+            .check()
+            .map_err(|e| format!("BELFRY_WEBHOOK_URL: {e}"))?;
+    }
+    let grace = get("BELFRY_WEBHOOK_GRACE_MS")
+        .map(|v| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("BELFRY_WEBHOOK_GRACE_MS: not a whole number: {v:?}"))
+        })
+        .transpose()?;
+    Ok((targets, grace))
+}
+
+/// The app `REVERB_APP_ID`, `REVERB_APP_KEY` and `REVERB_APP_SECRET`
+/// define, with the webhooks of `from_env`; none without all three.
+pub fn env_app(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<WebhookApp>, String> {
+    let value = |name: &str| get(name).and_then(|v| crate::dotenv::EnvValue::of(&v).text());
+    let (Some(id), Some(key), Some(secret)) = (
+        value("REVERB_APP_ID"),
+        value("REVERB_APP_KEY"),
+        value("REVERB_APP_SECRET"),
+    ) else {
+        return Ok(None);
+    };
+    let (webhooks, grace) = from_env(get)?;
+    Ok(Some(WebhookApp {
+        id,
+        key,
+        secret,
+        webhooks,
+        webhook_grace_ms: grace.unwrap_or(DEFAULT_GRACE_MS),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,7 +242,7 @@ mod tests {
     }
 
     #[test]
-    fn refuses_unknown_event_types_and_https() {
+    fn refuses_unknown_event_types_and_schemes_takes_https() {
         let bad = |t: &str| {
             WebhookApps::from_toml(&format!(
                 "[[apps]]\nid='a'\nkey='k'\nsecret='s'\n[[apps.webhooks]]\n{t}\n"
@@ -169,6 +250,64 @@ mod tests {
             .unwrap_err()
         };
         assert!(bad("url='http://x/'\nevent_types=['nope']").contains("nope"));
-        assert!(bad("url='https://x/'").contains("http://"));
+        assert!(bad("url='ftp://x/'").contains("http:// or https://"));
+        assert!(bad("url='http:///path'").contains("http:///path"));
+        let ok = WebhookApps::from_toml(
+            "[[apps]]\nid='a'\nkey='k'\nsecret='s'\n[[apps.webhooks]]\nurl='https://x.example/h'\n",
+        )
+        .unwrap();
+        assert_eq!(ok.app("a").unwrap().webhook_grace_ms, DEFAULT_GRACE_MS);
+    }
+
+    #[test]
+    fn the_environment_defines_the_env_apps_webhooks() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let env = vars(&[
+            ("REVERB_APP_ID", "1"),
+            ("REVERB_APP_KEY", "k"),
+            ("REVERB_APP_SECRET", "s"),
+            ("BELFRY_WEBHOOK_URL", "https://a.example/h, http://b:8000/h"),
+            (
+                "BELFRY_WEBHOOK_EVENT_TYPES",
+                "channel_occupied,member_added",
+            ),
+            ("BELFRY_WEBHOOK_GRACE_MS", "500"),
+        ]);
+        let app = env_app(&env).unwrap().unwrap();
+        assert_eq!((app.id.as_str(), app.webhook_grace_ms), ("1", 500));
+        let urls: Vec<_> = app.webhooks.iter().map(|w| w.url.as_str()).collect();
+        assert_eq!(urls, ["https://a.example/h", "http://b:8000/h"]);
+        assert!(app
+            .webhooks
+            .iter()
+            .all(|w| w.wants("member_added", "presence-x")));
+        assert!(!app.webhooks[0].wants("channel_vacated", "x"));
+
+        let bare = vars(&[
+            ("REVERB_APP_ID", "1"),
+            ("REVERB_APP_KEY", "k"),
+            ("REVERB_APP_SECRET", "s"),
+        ]);
+        let app = env_app(&bare).unwrap().unwrap();
+        assert!(app.webhooks.is_empty());
+        assert_eq!(app.webhook_grace_ms, DEFAULT_GRACE_MS);
+        assert!(env_app(&vars(&[("BELFRY_WEBHOOK_URL", "http://x/")]))
+            .unwrap()
+            .is_none());
+        let err = from_env(&vars(&[("BELFRY_WEBHOOK_URL", "ftp://x/")])).unwrap_err();
+        assert!(err.contains("BELFRY_WEBHOOK_URL"), "{err}");
+        let err = from_env(&vars(&[
+            ("BELFRY_WEBHOOK_URL", "http://x/"),
+            ("BELFRY_WEBHOOK_EVENT_TYPES", "nope"),
+        ]))
+        .unwrap_err();
+        assert!(err.contains("nope"), "{err}");
     }
 }

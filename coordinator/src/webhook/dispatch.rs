@@ -17,13 +17,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::client::{post, Post};
 use super::config::{WebhookApp, WebhookApps, WebhookTarget};
 use super::{format, Job, Sink};
 
@@ -153,6 +151,142 @@ struct Batch {
     done: Vec<Arc<Done>>,
 }
 
+/// A `channel_vacated` or `member_removed` waiting out its app's grace period.
+struct Held {
+    release: tokio::time::Instant,
+    queued: Queued,
+}
+
+/// What a held job is matched by: the app, the channel, and for member
+/// events the user.
+type HeldKey = (String, String, Option<String>);
+
+/// The job this one undoes inside the grace period, if it is one of the pair.
+fn held_key(job: &Job) -> Option<(HeldKey, bool)> {
+    let leaves = match job.name.as_str() {
+        "channel_vacated" | "member_removed" => true,
+        "channel_occupied" | "member_added" => false,
+        _ => return None,
+    };
+    let user = job
+        .name
+        .starts_with("member_")
+        .then(|| job.user_id.clone().unwrap_or_default());
+    Some(((job.app.clone(), job.channel.clone(), user), leaves))
+}
+
+/// The batching task's state: open batches per app and URL, and the held
+/// leaves.
+struct Batcher {
+    apps: Arc<WebhookApps>,
+    options: DispatchOptions,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    pending: HashMap<(String, usize), Batch>,
+    held: HashMap<HeldKey, Held>,
+}
+
+impl Batcher {
+    /// Debounces the pair Pusher debounces, then batches what is left.
+    fn take(&mut self, queued: Queued) {
+        let Some(app) = self.apps.app(&queued.job.app) else {
+            return;
+        };
+        let grace = Duration::from_millis(app.webhook_grace_ms);
+        match held_key(&queued.job) {
+            Some((key, true)) if !grace.is_zero() => {
+                let release = tokio::time::Instant::now() + grace;
+                // Two leaves in a row cannot come from one edge stream; keep both.
+                if let Some(earlier) = self.held.insert(key, Held { release, queued }) {
+                    self.batch(earlier.queued);
+                }
+            }
+            Some((key, false)) if self.held.contains_key(&key) => {
+                // Back inside the window: neither edge happened for the app.
+                // Dropping both `Done`s acknowledges both stream entries.
+                self.held.remove(&key);
+                metrics::counter!("belfry_webhook_debounced_total").increment(2);
+            }
+            _ => self.batch(queued),
+        }
+    }
+
+    fn batch(&mut self, Queued { job, done }: Queued) {
+        let apps = self.apps.clone();
+        let Some(app) = apps.app(&job.app) else {
+            return;
+        };
+        for (i, target) in app.webhooks.iter().enumerate() {
+            if !target.wants(&job.name, &job.channel) || job.channel.starts_with('#') {
+                continue;
+            }
+            let key = (job.app.clone(), i);
+            let window = self.options.batch_window;
+            let b = self.pending.entry(key.clone()).or_insert_with(|| Batch {
+                deadline: tokio::time::Instant::now() + window,
+                jobs: Vec::new(),
+                done: Vec::new(),
+            });
+            b.jobs.push(job.clone());
+            b.done.extend(done.clone());
+            if b.jobs.len() >= self.options.max_batch {
+                self.send(&key);
+            }
+        }
+    }
+
+    fn send(&mut self, key: &(String, usize)) {
+        if let (Some(b), Some(app)) = (self.pending.remove(key), self.apps.app(&key.0)) {
+            let work = deliver(
+                app.clone(),
+                key.1,
+                b,
+                self.options.clone(),
+                self.stop.clone(),
+            );
+            self.tracker.spawn(work);
+        }
+    }
+
+    fn next_deadline(&self) -> Option<tokio::time::Instant> {
+        let batches = self.pending.values().map(|b| b.deadline);
+        batches.chain(self.held.values().map(|h| h.release)).min()
+    }
+
+    /// Sends the batches and releases the held leaves whose time has come.
+    fn due(&mut self, now: tokio::time::Instant) {
+        self.release(|h| h.release <= now, |b| b.deadline <= now);
+    }
+
+    /// Sends everything, held or not.
+    fn flush(&mut self) {
+        self.release(|_| true, |_| true);
+    }
+
+    fn release(&mut self, held: impl Fn(&Held) -> bool, batch: impl Fn(&Batch) -> bool) {
+        let released: Vec<HeldKey> = self
+            .held
+            .iter()
+            .filter(|(_, h)| held(h))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in released {
+            if let Some(h) = self.held.remove(&key) {
+                self.batch(h.queued);
+            }
+        }
+        let due: Vec<_> = self
+            .pending
+            .iter()
+            .filter(|(_, b)| batch(b))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            self.send(&key);
+        }
+    }
+}
+
 async fn batch(
     apps: Arc<WebhookApps>,
     options: DispatchOptions,
@@ -160,42 +294,27 @@ async fn batch(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let mut pending: HashMap<(String, usize), Batch> = HashMap::new();
+    let mut batcher = Batcher {
+        apps,
+        options,
+        stop: stop.clone(),
+        tracker,
+        pending: HashMap::new(),
+        held: HashMap::new(),
+    };
     loop {
-        let next = pending.values().map(|b| b.deadline).min();
+        let next = batcher.next_deadline();
         tokio::select! {
             _ = stop.cancelled() => return,
             queued = rx.recv() => {
-                let Some(Queued { job, done }) = queued else { return };
-                let Some(app) = apps.app(&job.app) else { continue };
-                for (i, target) in app.webhooks.iter().enumerate() {
-                    if !target.wants(&job.name, &job.channel) || job.channel.starts_with('#') {
-                        continue;
-                    }
-                    let key = (job.app.clone(), i);
-                    let b = pending.entry(key.clone()).or_insert_with(|| Batch {
-                        deadline: tokio::time::Instant::now() + options.batch_window,
-                        jobs: Vec::new(),
-                        done: Vec::new(),
-                    });
-                    b.jobs.push(job.clone());
-                    b.done.extend(done.clone());
-                    if b.jobs.len() >= options.max_batch {
-                        if let Some(b) = pending.remove(&key) {
-                            tracker.spawn(deliver(app.clone(), i, b, options.clone(), stop.clone()));
-                        }
-                    }
-                }
+                let Some(queued) = queued else {
+                    // Every handle is gone: send what was taken, so that
+                    // nothing is acknowledged unsent.
+                    return batcher.flush();
+                };
+                batcher.take(queued);
             }
-            _ = sleep_until(next) => {
-                let now = tokio::time::Instant::now();
-                let due: Vec<_> = pending.iter().filter(|(_, b)| b.deadline <= now).map(|(k, _)| k.clone()).collect();
-                for key in due {
-                    if let (Some(b), Some(app)) = (pending.remove(&key), apps.app(&key.0)) {
-                        tracker.spawn(deliver(app.clone(), key.1, b, options.clone(), stop.clone()));
-                    }
-                }
-            }
+            _ = sleep_until(next) => batcher.due(tokio::time::Instant::now()),
         }
     }
 }
@@ -225,12 +344,15 @@ async fn deliver(
         let time_ms = crate::envelope::now_us() / 1000;
         let body = format::body(time_ms, &batch.jobs);
         let signature = format::signature(&app.secret, &body);
-        let outcome = tokio::time::timeout(
-            options.request_timeout,
-            post(&target.url, &app.key, &signature, &id, body),
-        )
-        .await
-        .unwrap_or_else(|_| Err("timed out".into()));
+        let request = Post {
+            key: &app.key,
+            signature: &signature,
+            id: &id,
+            body,
+        };
+        let outcome = tokio::time::timeout(options.request_timeout, post(&target.url, request))
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
         match outcome {
             Ok(status) if (200..300).contains(&status) => {
                 metrics::counter!("belfry_webhook_sent_total").increment(batch.jobs.len() as u64);
@@ -275,43 +397,4 @@ fn jitter(d: Duration) -> Duration {
     h.write_u64(crate::envelope::now_us());
     let fraction = (h.finish() % 1000) as f64 / 1000.0;
     d.mul_f64(0.5 + fraction / 2.0)
-}
-
-/// One POST over a fresh HTTP/1.1 connection; the status code, or why none came.
-async fn post(
-    url: &str,
-    key: &str,
-    signature: &str,
-    id: &str,
-    body: String,
-) -> Result<u16, String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("bad url: {e}"))?;
-    let host = uri.host().ok_or("url without host")?.to_owned();
-    let port = uri.port_u16().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let conn = tokio::spawn(connection);
-    let authority = uri.authority().map(|a| a.to_string()).unwrap_or(host);
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let request = hyper::Request::post(path)
-        .header(hyper::header::HOST, authority)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .header("X-Pusher-Key", key)
-        .header("X-Pusher-Signature", signature)
-        .header("X-Belfry-Webhook-Id", id)
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("request: {e}"))?;
-    let status = response.status().as_u16();
-    // Read the answer to the end so the receiver sees a clean exchange.
-    let _ = response.into_body().collect().await;
-    conn.abort();
-    Ok(status)
 }

@@ -11,6 +11,7 @@
 //! Not here: deciding the edges (the occupancy and presence scripts,
 //! `occupancy.rs` and `presence.rs`).
 
+pub mod client;
 pub mod config;
 pub mod dispatch;
 pub mod format;
@@ -25,6 +26,7 @@ pub fn zero_metrics() {
     metrics::counter!("belfry_webhook_queued_total").absolute(0);
     metrics::counter!("belfry_webhook_sent_total").absolute(0);
     metrics::counter!("belfry_webhook_retried_total").absolute(0);
+    metrics::counter!("belfry_webhook_debounced_total").absolute(0);
     for reason in ["retries_exhausted", "queue_full", "trimmed", "redis"] {
         metrics::counter!("belfry_webhook_dropped_total", "reason" => reason).absolute(0);
     }

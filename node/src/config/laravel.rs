@@ -90,12 +90,19 @@ pub fn apply(
                 ..AppConfig::default()
             };
             app_options(&mut app, &get, &number)?;
+            let (webhooks, grace) = belfry_coordinator::webhook::config::from_env(&get)
+                .map_err(ConfigError::Invalid)?;
+            app.webhooks = webhooks;
+            if let Some(ms) = grace {
+                app.webhook_grace_ms = ms;
+            }
             config.apps.push(app);
             env_app = true;
         }
     }
     if !defines_app || config.apps.is_empty() {
-        for name in APP_OPTIONS {
+        let webhooks = belfry_coordinator::webhook::config::ENV_VARIABLES;
+        for name in APP_OPTIONS.iter().chain(webhooks.iter()) {
             if get(name).is_some() {
                 warnings.push(format!(
                     "{name} is ignored: it applies to the app REVERB_APP_ID/KEY/SECRET define, \

@@ -1,12 +1,14 @@
 'use strict';
 // A real HTTP receiver for Belfry's webhooks. Every request is checked with the official
 // `pusher` Node SDK (`pusher.webhook(...).isValid()`) against the app's key and secret.
+const fs = require('node:fs');
 const http = require('node:http');
+const https = require('node:https');
 const Pusher = require('pusher');
 
 /**
  * Starts a receiver for `app` ({id, key, secret}). options.respond(req#) returns the status
- * to answer (default 200). Returns { url, requests, events(), accepted(), delivered(), close() }:
+ * to answer (default 200); options.tls ({cert, key} paths) serves https://. Returns { url, requests, events(), accepted(), delivered(), close() }:
  * `requests` holds every request as { status, valid, body, headers, at }; `events()` the events
  * of the accepted (2xx) requests in arrival order; `delivered()` the same with a batch that was
  * delivered again (same X-Belfry-Webhook-Id) counted once, as a deduplicating receiver sees them.
@@ -14,7 +16,7 @@ const Pusher = require('pusher');
 async function startReceiver(app, options = {}) {
   const pusher = new Pusher({ appId: app.id, key: app.key, secret: app.secret });
   const requests = [];
-  const server = http.createServer((req, res) => {
+  const handler = (req, res) => {
     const chunks = [];
     req.on('data', (c) => chunks.push(c));
     req.on('end', () => {
@@ -27,11 +29,14 @@ async function startReceiver(app, options = {}) {
       res.writeHead(status, { 'content-type': 'text/plain' });
       res.end(status < 300 ? 'ok' : 'no');
     });
-  });
+  };
+  const server = options.tls
+    ? https.createServer({ cert: fs.readFileSync(options.tls.cert), key: fs.readFileSync(options.tls.key) }, handler)
+    : http.createServer(handler);
   await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
   const { port } = server.address();
   return {
-    url: `http://127.0.0.1:${port}/pusher/webhook`,
+    url: `${options.tls ? 'https' : 'http'}://127.0.0.1:${port}/pusher/webhook`,
     requests,
     accepted: () => requests.filter((r) => r.status < 300),
     events: () => requests.filter((r) => r.status < 300).flatMap((r) => r.body.events.map((e) => ({ ...e, at: r.at }))),

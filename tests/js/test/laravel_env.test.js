@@ -9,6 +9,7 @@ const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
 const h = require('../lib/harness');
+const { startReceiver } = require('../lib/webhook_receiver');
 
 const APP = { id: '527364', key: 'p7wrd1yjsfqhmuxm1bbd', secret: 'kcmfqsx5xnuc0aoxtgyq' };
 
@@ -121,6 +122,7 @@ async function startFromEnv(file, { port, pathPrefix = '', env = {} }) {
     pathPrefix,
     app: APP,
     url: (p) => `http://${h.HOST}:${port}${p}`,
+    wsUrl: (key, query = 'protocol=7&client=js&version=8.4.0&flash=false') => `ws://${h.HOST}:${port}${pathPrefix}/app/${key}?${query}`,
     metricsUrl: (p = '/metrics') => `http://${h.HOST}:${metricsPort}${p}`,
   };
   await h.eventually(async () => {
@@ -237,6 +239,37 @@ describe('a Laravel .env starts belfry-node', () => {
         { timeout: 5000, message: 'the node subscribed to the Laravel channel' });
       assert.deepEqual(await got, { id: 9 });
     } finally {
+      await redis.stop();
+    }
+  });
+
+  it('BELFRY_WEBHOOK_URL gives the .env app webhooks, on the nodes and the coordinator alike (docker-compose)', async () => {
+    const redis = await h.startRedis();
+    const receiver = await startReceiver(APP);
+    try {
+      const port = await h.freePort();
+      const file = writeEnvFile(laravelEnv({ port, extra: 'REVERB_SCALING_ENABLED=true\n' })
+        .replace('REDIS_PORT=6379', `REDIS_PORT=${redis.port}`));
+      // As docker-compose passes them: the same variables to every process, empty ones unset.
+      const hooks = { BELFRY_WEBHOOK_URL: receiver.url, BELFRY_WEBHOOK_EVENT_TYPES: 'channel_occupied,channel_vacated', BELFRY_WEBHOOK_GRACE_MS: '0' };
+      const node = await startFromEnv(file, { port, env: hooks });
+      const coordMetrics = await h.freePort();
+      spawnTracked(h.COORDINATOR_BIN, ['run', '--env-file', file, '--host', h.HOST, '--metrics-port', String(coordMetrics)], hooks);
+
+      const name = h.uniq('env-hook-');
+      const client = await h.rawClient(node);
+      await client.subscribe(name);
+      await h.eventually(() => receiver.delivered().some((e) => e.channel === name), { timeout: 15000, message: 'channel_occupied through the coordinator' });
+      client.send({ event: 'pusher:unsubscribe', data: { channel: name } });
+      await h.eventually(() => receiver.delivered().filter((e) => e.channel === name).length === 2, { timeout: 10000, message: 'channel_vacated at once (grace 0)' });
+      const cache = h.uniq('cache-env-');
+      await client.subscribe(cache);
+      await h.sleep(600);
+      assert.deepEqual(receiver.delivered().filter((e) => e.channel === name).map((e) => e.name), ['channel_occupied', 'channel_vacated']);
+      assert.ok(!receiver.delivered().some((e) => e.name === 'cache_miss'), 'BELFRY_WEBHOOK_EVENT_TYPES leaves cache_miss out');
+      assert.ok(receiver.requests.length > 0 && receiver.requests.every((r) => r.valid), 'signed with the .env secret');
+    } finally {
+      await receiver.close();
       await redis.stop();
     }
   });

@@ -3,7 +3,11 @@
 // SDK), occupied/vacated once per edge, event-type and prefix filters, retries after refusals.
 const { describe, it, afterEach } = require('node:test');
 const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
 const h = require('../lib/harness');
+const certs = require('../lib/certs');
 const { startReceiver, percentiles } = require('../lib/webhook_receiver');
 
 let node;
@@ -15,8 +19,9 @@ afterEach(async () => {
   receivers = [];
 });
 
-async function nodeWithHooks(hooks, appExtra = {}) {
-  const app = { id: 'app1', key: 'app1-key', secret: 'app1-secret', ...appExtra };
+// Exact edges: these tests check every transition, so no grace period (it has its own tests).
+async function nodeWithHooks(hooks, appExtra = {}, nodeOptions = {}) {
+  const app = { id: 'app1', key: 'app1-key', secret: 'app1-secret', webhook_grace_ms: 0, ...appExtra };
   const made = [];
   for (const hook of hooks) {
     const r = await startReceiver(app, hook);
@@ -25,6 +30,7 @@ async function nodeWithHooks(hooks, appExtra = {}) {
   }
   node = await h.startNode({
     apps: [{ ...app, webhooks: hooks.map((hook, i) => ({ url: made[i].url, ...(hook.config || {}) })) }],
+    ...nodeOptions,
   });
   return made;
 }
@@ -178,6 +184,62 @@ describe('webhooks (single node)', () => {
     assert.equal(new Set(r.requests.map((q) => q.headers['x-pusher-signature'])).size, 4);
     assert.ok(r.requests.every((q) => q.valid));
     assert.deepEqual(r.requests.map((q) => q.body.events), Array(4).fill([{ name: 'channel_occupied', channel: name }]));
+  });
+
+  it('https:// URLs: the receiver\'s certificate is verified against SSL_CERT_FILE', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'belfry-hook-tls-'));
+    const ca = certs.makeCa(dir);
+    const tls = certs.makeServerCert(dir);
+    const [r] = await nodeWithHooks([{ tls }], {}, { env: { SSL_CERT_FILE: ca } });
+    assert.match(r.url, /^https:/);
+    const name = h.uniq('tls-hook-');
+    const c = await h.rawClient(node);
+    await c.subscribe(name);
+    await h.eventually(() => r.events().length === 1, { message: 'channel_occupied over https' });
+    assert.deepEqual(r.events().map((e) => e.name), ['channel_occupied']);
+    assert.ok(r.requests.every((q) => q.valid), 'the pusher SDK accepts the signature');
+    await node.stop();
+    await r.close();
+    receivers = [];
+
+    // A receiver whose certificate the node does not trust gets nothing, and the sockets do not wait.
+    const other = certs.makeCa(dir, 'other');
+    const [untrusted] = await nodeWithHooks([{ tls }], {}, { env: { SSL_CERT_FILE: other } });
+    const d = await h.rawClient(node);
+    assert.equal((await d.subscribe(h.uniq('tls-hook-'))).event, 'pusher_internal:subscription_succeeded');
+    await h.eventually(() => /webhook refused/.test(node.output()) && /TLS: /.test(node.output()), { message: 'the TLS failure is logged' });
+    assert.equal(untrusted.requests.length, 0, 'no request reaches an untrusted receiver');
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('grace period: a channel or user back within webhook_grace_ms sends neither edge; one that stays away sends it late', async () => {
+    const grace = 1000;
+    const [r] = await nodeWithHooks([{}], { webhook_grace_ms: grace });
+    const name = h.uniq('presence-grace-');
+    const join = async () => {
+      const c = await h.rawClient(node);
+      const res = await c.subscribe(name, h.rawAuth(node.app, c.socketId, name, { user_id: 'u1', user_info: {} }));
+      assert.equal(res.event, 'pusher_internal:subscription_succeeded');
+      return c;
+    };
+    let tab = await join();
+    await h.eventually(() => r.events().length === 2, { message: 'occupied and member_added' });
+    // A page reload, five times over, with jittered gaps well inside the grace period.
+    for (let round = 0; round < 5; round++) {
+      tab.close();
+      await h.sleep(20 + Math.floor(Math.random() * 200));
+      tab = await join();
+    }
+    await h.sleep(grace + 500);
+    assert.deepEqual(r.events().map((e) => e.name).sort(), ['channel_occupied', 'member_added'], 'reloads inside the grace period send nothing');
+    const left = Date.now();
+    tab.close();
+    await h.eventually(() => r.events().length === 4, { timeout: grace + 5000, message: 'member_removed and vacated after the grace period' });
+    const late = r.events().slice(2);
+    assert.deepEqual(late.map((e) => e.name).sort(), ['channel_vacated', 'member_removed']);
+    for (const e of late) assert.ok(e.at - left >= grace - 50, `sent after the grace period: ${e.at - left} ms`);
+    const { text } = await h.getMetrics(node);
+    assert.equal(h.metricValue(text, 'belfry_webhook_debounced_total'), 20, 'five reloads: two pairs of edges each, left out');
   });
 
   it('an app without webhooks and a broken URL do not slow the sockets', async () => {

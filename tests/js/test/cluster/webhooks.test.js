@@ -16,12 +16,13 @@ afterEach(async () => {
   if (receiver) { await receiver.close(); receiver = null; }
 });
 
-const APP = { id: 'app1', key: 'app1-key', secret: 'app1-secret' };
+// Exact edges: these tests check every transition, so no grace period unless a test sets one.
+const APP = { id: 'app1', key: 'app1-key', secret: 'app1-secret', webhook_grace_ms: 0 };
 
-async function hookedCluster(label, respond, extra = {}) {
+async function hookedCluster(label, respond, extra = {}, appExtra = {}) {
   receiver = await startReceiver(APP, { respond });
   cluster = await h.startCluster({
-    nodes: 2, coordinator: false, apps: [{ ...APP, webhooks: [{ url: receiver.url }] }], ...extra,
+    nodes: 2, coordinator: false, apps: [{ ...APP, ...appExtra, webhooks: [{ url: receiver.url }] }], ...extra,
   });
   cluster.label = label;
   const coordinator = await cluster.addCoordinator({ args: ['--config', cluster.nodes[0].configFile] });
@@ -180,5 +181,49 @@ describe('cluster: webhooks', () => {
     await h.eventually(() => names(name).length === 1, { timeout: 20000, message: 'the next leader delivered the pending job' });
     assert.deepEqual(names(name), ['channel_occupied']);
     assert.ok(receiver.requests.every((r) => r.valid));
+  });
+
+  it('cache_miss: one per subscription to an empty cache channel, on either node', async () => {
+    await hookedCluster('cache-miss');
+    const [A, B] = cluster.nodes;
+    const name = h.uniq('cache-hook-');
+    const a = await h.rawClient(A);
+    const b = await h.rawClient(B);
+    await a.subscribe(name);
+    await a.next('pusher:cache_miss');
+    await b.subscribe(name);
+    await b.next('pusher:cache_miss');
+    await h.eventually(() => events(name).filter((e) => e.name === 'cache_miss').length === 2, { message: 'a cache_miss per subscription' });
+    await h.sdk(A).trigger(name, 'Price', { v: 1 });
+    await a.next('Price');
+    const late = await h.rawClient(B);
+    await late.subscribe(name);
+    await late.next('Price');
+    await h.sleep(500);
+    assert.deepEqual(names(name), ['channel_occupied', 'cache_miss', 'cache_miss'], 'none once an event is cached');
+    assert.ok(receiver.requests.every((r) => r.valid));
+  });
+
+  it('grace period: a user who moves from one node to the other within it sends neither edge', async () => {
+    const grace = 1000;
+    await hookedCluster('grace', undefined, {}, { webhook_grace_ms: grace });
+    const [A, B] = cluster.nodes;
+    const channel = h.uniq('presence-move-');
+    let tab = await joinAs(A, channel, 'mover');
+    await h.eventually(() => names(channel).length === 2, { message: 'occupied and member_added' });
+    for (let round = 0; round < 6; round++) {
+      tab.close();
+      await h.sleep(20 + Math.floor(Math.random() * 200));
+      tab = await joinAs(round % 2 ? A : B, channel, 'mover');
+    }
+    await h.sleep(grace + 800);
+    assert.deepEqual(names(channel).sort(), ['channel_occupied', 'member_added'], 'moves inside the grace period send nothing');
+    const left = Date.now();
+    tab.close();
+    await h.eventually(() => names(channel).length === 4, { timeout: grace + 8000, message: 'vacated and member_removed once it stays away' });
+    assert.deepEqual(names(channel).slice(2).sort(), ['channel_vacated', 'member_removed']);
+    for (const e of receiver.events().filter((x) => x.channel === channel).slice(2)) {
+      assert.ok(e.at - left >= grace - 50, `held for the grace period: ${e.at - left} ms`);
+    }
   });
 });
