@@ -65,14 +65,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     telemetry::zero_at_start(&config.apps.iter().map(|a| a.id.clone()).collect::<Vec<_>>());
     let edge = Edge::new(config);
 
+    // Every task of the process's own: stopped together at the end.
+    let mut servers = tokio::task::JoinSet::new();
+    let stop_reloader = tokio_util::sync::CancellationToken::new();
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
             let tls = Tls::load(cert, key).map_err(anyhow::Error::msg)?;
             tracing::info!(cert = %cert.display(), "TLS on the main port: wss:// and https:// only; SIGHUP reloads the certificate");
-            tokio::spawn(
-                tls.clone()
-                    .reload_on_sighup(tokio_util::sync::CancellationToken::new()),
-            );
+            servers.spawn(tls.clone().reload_on_sighup(stop_reloader.clone()));
             Some(tls)
         }
         _ => None,
@@ -81,7 +81,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&address)
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
-    let mut servers = tokio::task::JoinSet::new();
     servers.spawn(server::serve(
         node.clone(),
         edge.clone(),
@@ -116,6 +115,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     shutdown::signal().await;
     drain(&node).await;
+    stop_reloader.cancel();
     servers.shutdown().await;
     Ok(())
 }

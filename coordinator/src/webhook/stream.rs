@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::*;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::dispatch::{Dispatcher, Done};
@@ -167,6 +167,13 @@ fn entries(value: Value) -> Vec<Entry> {
     out
 }
 
+/// Takes delivered (or trimmed) jobs off the stream. A failure leaves them
+/// pending, so a later leader sends them again: at least once.
+async fn acknowledge(client: &Client, queue: &str, ids: Vec<String>) {
+    let _: Result<i64, _> = client.xack(queue, GROUP, ids.clone()).await;
+    let _: Result<i64, _> = client.xdel(queue, ids).await;
+}
+
 /// Consumes the stream until `stop`: first what earlier consumers left
 /// pending, then new entries.
 pub async fn consume(
@@ -180,17 +187,21 @@ pub async fn consume(
     let reader = redis.client.clone_new();
     reader.connect();
     let queue = keys.webhook_queue();
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<String>();
+    // Bounded by the slots: a delivered job's acknowledgement carries its
+    // slot until the acker has taken it, so at most IN_FLIGHT wait here and
+    // `try_send` always finds room.
+    let (ack_tx, mut ack_rx) = mpsc::channel::<(String, OwnedSemaphorePermit)>(IN_FLIGHT);
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let client = redis.client.clone();
     let acker = {
-        let client = redis.client.clone();
+        let client = client.clone();
         let queue = queue.clone();
+        // Awaited below, before `consume` returns.
         tokio::spawn(async move {
-            let mut ids = Vec::new();
-            while ack_rx.recv_many(&mut ids, 500).await > 0 {
-                let batch: Vec<String> = std::mem::take(&mut ids);
-                let _: Result<i64, _> = client.xack(&queue, GROUP, batch.clone()).await;
-                let _: Result<i64, _> = client.xdel(&queue, batch).await;
+            let mut acks = Vec::new();
+            while ack_rx.recv_many(&mut acks, 500).await > 0 {
+                let ids: Vec<String> = acks.drain(..).map(|(id, _slot)| id).collect();
+                acknowledge(&client, &queue, ids).await;
             }
         })
     };
@@ -266,9 +277,7 @@ pub async fn consume(
                 if !ids.is_empty() {
                     metrics::counter!("belfry_webhook_dropped_total", "reason" => "trimmed")
                         .increment(ids.len() as u64);
-                    for id in ids {
-                        let _ = ack_tx.send(id);
-                    }
+                    acknowledge(&client, &queue, ids).await;
                 }
             }
             claim_from = cursor.filter(|c| c != "0-0");
@@ -277,7 +286,7 @@ pub async fn consume(
             let Some(job) = fields.and_then(|f| job_from(&id, f)) else {
                 metrics::counter!("belfry_webhook_dropped_total", "reason" => "trimmed")
                     .increment(1);
-                let _ = ack_tx.send(id);
+                acknowledge(&client, &queue, vec![id]).await;
                 continue;
             };
             let slot = tokio::select! {
@@ -288,8 +297,10 @@ pub async fn consume(
             let ack_tx = ack_tx.clone();
             let id = job.id.clone();
             let done = Done::new(stop.clone(), move || {
-                drop(slot);
-                let _ = ack_tx.send(id);
+                if ack_tx.try_send((id, slot)).is_err() {
+                    // Only once the consumer stopped: the entry stays pending.
+                    tracing::debug!("webhook acknowledgement after the consumer stopped");
+                }
             });
             metrics::counter!("belfry_webhook_queued_total").increment(1);
             dispatcher.send_waiting(job, done).await;
