@@ -6,9 +6,10 @@
 //! stopped refreshing them, announces `member_removed` for users who left
 //! with them, and reaps nodes that stopped heartbeating. A sweep is safe to
 //! run twice (every removal is one atomic script whose result only one caller
-//! sees), so a brief overlap of two leaders costs nothing but work. The
-//! metrics and health endpoints live in `http`; the binary in `main.rs`
-//! only parses flags and wires these together.
+//! sees), so a brief overlap of two leaders costs nothing but work. What a
+//! replica answers on `/healthz` and `/readyz` is `health`; the port that
+//! serves them is `crate::metrics_server`. The binary in `main.rs` only
+//! parses flags and wires these together.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,12 +23,41 @@ use crate::redis::Redis;
 use crate::webhook::{DispatchOptions, Dispatcher, WebhookApps};
 use tokio_util::task::TaskTracker;
 
-mod http;
+mod health;
 mod leader;
 mod sweep;
 
-pub use http::serve_metrics;
+pub use health::Health;
 pub use sweep::SweepReport;
+
+/// Describes the coordinator's own metrics and registers them at 0, so
+/// dashboards see 0 rather than nothing. Runs after the recorder is installed.
+pub fn zero_metrics() {
+    metrics::describe_gauge!(
+        "belfry_coordinator_leader",
+        "1 while this replica holds the leader lock"
+    );
+    metrics::describe_counter!(
+        "belfry_coordinator_sweeps_total",
+        "Sweeps run by this replica as leader"
+    );
+    metrics::describe_counter!(
+        "belfry_coordinator_presence_removals_total",
+        "Presence members removed after their connections expired (member_removed published)"
+    );
+    metrics::describe_counter!(
+        "belfry_coordinator_nodes_reaped_total",
+        "Nodes whose heartbeat lapsed and whose occupancy was removed"
+    );
+    metrics::gauge!("belfry_coordinator_leader").set(0.0);
+    for counter in [
+        "belfry_coordinator_sweeps_total",
+        "belfry_coordinator_presence_removals_total",
+        "belfry_coordinator_nodes_reaped_total",
+    ] {
+        metrics::counter!(counter).absolute(0);
+    }
+}
 
 /// How the coordinator behaves; the binary's flags map onto these fields.
 #[derive(Debug, Clone)]
@@ -107,6 +137,14 @@ impl Coordinator {
     /// Follows leadership changes (for health endpoints and tests).
     pub fn leadership(&self) -> watch::Receiver<bool> {
         self.leader.subscribe()
+    }
+
+    /// This replica's answers on the metrics port's probes.
+    pub fn health(&self) -> Health {
+        Health {
+            redis: self.redis.clone(),
+            leader: self.leadership(),
+        }
     }
 
     /// Campaigns and, while leading, sweeps, until `shutdown` is cancelled.

@@ -3,7 +3,8 @@
 //! their in-process implementations for the single-node default.
 //!
 //! The Redis implementations and the `belfry-coordinator` daemon live here too,
-//! so that every byte layout in Redis has exactly one owner.
+//! so that every byte layout in Redis has exactly one owner; and so does the
+//! metrics port (`metrics_server`), which both binaries serve.
 
 pub mod bus;
 pub mod channel;
@@ -12,6 +13,7 @@ pub mod envelope;
 pub mod fuzzing;
 pub mod keys;
 pub mod logging;
+pub mod metrics_server;
 pub mod presence;
 
 pub use bus::{is_cache_channel, Bus, BusError, CacheTtl, Delivery, LocalBus};

@@ -11,6 +11,7 @@ use belfry_coordinator::channel::check_channel_name;
 use belfry_coordinator::daemon::{self, Coordinator, CoordinatorOptions};
 use belfry_coordinator::keys::Keys;
 use belfry_coordinator::logging::LogFormat;
+use belfry_coordinator::metrics_server::{self, Unbudgeted};
 use belfry_coordinator::publisher::Publisher;
 use belfry_coordinator::redis::Redis;
 use belfry_coordinator::webhook::WebhookApps;
@@ -22,6 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a command waits for Redis before giving up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a metrics client may take to send a request head: the nodes'
+/// default `header_timeout_secs`. Scrapers and probes send theirs at once.
+const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(
@@ -183,7 +188,8 @@ fn main() {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     belfry_coordinator::logging::init(args.log_format);
-    let prometheus = install_recorder();
+    let prometheus = metrics_server::install_recorder();
+    daemon::zero_metrics();
     belfry_coordinator::webhook::zero_metrics();
     let url = match args.redis_url {
         Some(url) => url,
@@ -226,11 +232,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let listener = TcpListener::bind(&address)
             .await
             .with_context(|| format!("cannot listen for metrics on {address}"))?;
-        tasks.spawn(daemon::serve_metrics(
+        tasks.spawn(metrics_server::serve(
             listener,
             prometheus,
-            redis.clone(),
-            coordinator.leadership(),
+            std::sync::Arc::new(coordinator.health()),
+            std::sync::Arc::new(Unbudgeted),
+            METRICS_HEADER_TIMEOUT,
             shutdown.clone(),
         ));
     }
@@ -389,37 +396,4 @@ async fn publish_lines(publisher: &Publisher, args: &PublishArgs) -> anyhow::Res
         "{not_sent} events were not sent and {unknown} may or may not have been"
     );
     Ok(())
-}
-
-fn install_recorder() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
-    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
-        .ok()?;
-    metrics::describe_gauge!(
-        "belfry_coordinator_leader",
-        "1 while this replica holds the leader lock"
-    );
-    metrics::describe_counter!(
-        "belfry_coordinator_sweeps_total",
-        "Sweeps run by this replica as leader"
-    );
-    metrics::describe_counter!(
-        "belfry_coordinator_presence_removals_total",
-        "Presence members removed after their connections expired (member_removed published)"
-    );
-    metrics::describe_counter!(
-        "belfry_coordinator_nodes_reaped_total",
-        "Nodes whose heartbeat lapsed and whose occupancy was removed"
-    );
-    // Present from the start, so dashboards see 0 rather than nothing.
-    metrics::gauge!("belfry_coordinator_leader").set(0.0);
-    for counter in [
-        "belfry_coordinator_sweeps_total",
-        "belfry_coordinator_presence_removals_total",
-        "belfry_coordinator_nodes_reaped_total",
-    ] {
-        metrics::counter!(counter).absolute(0);
-    }
-    Some(handle)
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use belfry_coordinator::metrics_server;
 use belfry_node::config::{Cli, Config};
 use belfry_node::edge::Edge;
 use belfry_node::node::Node;
@@ -54,7 +55,7 @@ fn main() {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let prometheus = telemetry::install_recorder();
+    let prometheus = metrics_server::install_recorder();
     let node = match config.redis_url.clone() {
         Some(url) => Node::clustered(config, &url)
             .await
@@ -85,22 +86,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
         node.clone(),
         edge.clone(),
         listener,
-        true,
         tls.clone(),
-        server::main_handler,
     ));
     if config.metrics_port != 0 {
         let address = format!("{}:{}", config.host, config.metrics_port);
         let metrics = TcpListener::bind(&address)
             .await
             .with_context(|| format!("cannot listen for metrics on {address}"))?;
-        servers.spawn(server::serve(
-            node.clone(),
-            edge.clone(),
+        // The node's own deadline and descriptor budget, and its drain: the
+        // port answers (readiness failing) until the drain is over.
+        servers.spawn(metrics_server::serve(
             metrics,
-            false,
-            None,
-            server::metrics_handler(prometheus),
+            prometheus,
+            node.clone(),
+            edge.fds.clone(),
+            Duration::from_secs(config.header_timeout_secs),
+            node.shutdown.stop_token(),
         ));
     }
     telemetry::ready(true, false);

@@ -1,5 +1,6 @@
-//! The listeners: one port for WebSockets, the HTTP API and Reverb's `/up`;
-//! another for Prometheus `/metrics` and the health probes.
+//! The main port: WebSockets, the HTTP API, Reverb's `/up` and the health
+//! probes. (The metrics port is `belfry_coordinator::metrics_server`, with
+//! the node's probes and descriptor budget handed in: `main.rs`.)
 //!
 //! A WebSocket request is first held to the edge's limits (descriptor
 //! reserve at accept, then per-address limits, answered 429 before any
@@ -22,7 +23,6 @@ use hyper::header::{
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -36,6 +36,7 @@ use crate::protocol::code;
 use crate::registry::AppRegistry;
 use crate::telemetry;
 use crate::tls::{Socket, Tls};
+use belfry_coordinator::metrics_server::Probes;
 use tokio_rustls::server::TlsStream;
 
 type HttpResponse = Response<Full<Bytes>>;
@@ -50,19 +51,8 @@ pub struct ConnInfo {
 }
 
 /// Serves HTTP connections from `listener` until the node stops accepting.
-/// With `shed`, connections over the descriptor reserve are answered 503
-/// at once (the metrics port is not shed: the reserve is for it).
-pub async fn serve<F, Fut>(
-    node: Arc<Node>,
-    edge: Arc<Edge>,
-    listener: TcpListener,
-    shed: bool,
-    tls: Option<Arc<Tls>>,
-    handler: F,
-) where
-    F: Fn(Arc<Node>, Arc<Edge>, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = HttpResponse> + Send + 'static,
-{
+/// Connections over the descriptor reserve are answered 503 at once.
+pub async fn serve(node: Arc<Node>, edge: Arc<Edge>, listener: TcpListener, tls: Option<Arc<Tls>>) {
     let connections = tokio_util::task::TaskTracker::new();
     let header_timeout = Duration::from_secs(node.config.header_timeout_secs);
     loop {
@@ -83,7 +73,7 @@ pub async fn serve<F, Fut>(
             }
         };
         let (fd, over) = edge.fds.take();
-        if over && shed {
+        if over {
             telemetry::refused("fd_reserve");
             tracing::debug!(%peer, "over the descriptor reserve: answered 503");
             fds::shed_now(stream);
@@ -92,7 +82,6 @@ pub async fn serve<F, Fut>(
         let _ = stream.set_nodelay(true);
         let node = node.clone();
         let edge = edge.clone();
-        let handler = handler.clone();
         let info = ConnInfo {
             peer,
             fd: Arc::new(fd),
@@ -102,7 +91,7 @@ pub async fn serve<F, Fut>(
             let service_node = node.clone();
             let service = service_fn(move |mut req: Request<Incoming>| {
                 req.extensions_mut().insert(info.clone());
-                let fut = handler(service_node.clone(), edge.clone(), req);
+                let fut = main_handler(service_node.clone(), edge.clone(), req);
                 async move { Ok::<_, Infallible>(fut.await) }
             });
             match tls {
@@ -151,12 +140,8 @@ where
     }
 }
 
-/// The main port: WebSockets, the HTTP API and health.
-pub async fn main_handler(
-    node: Arc<Node>,
-    edge: Arc<Edge>,
-    req: Request<Incoming>,
-) -> HttpResponse {
+/// WebSockets, the HTTP API and health.
+async fn main_handler(node: Arc<Node>, edge: Arc<Edge>, req: Request<Incoming>) -> HttpResponse {
     let path = req.uri().path().to_owned();
     let prefix = node.config.path_prefix.as_str();
     let local = if prefix.is_empty() {
@@ -166,7 +151,8 @@ pub async fn main_handler(
     };
     match (path.as_str(), local) {
         ("/up", _) | (_, Some("/up")) => json_response(StatusCode::OK, &json!({ "health": "OK" })),
-        ("/healthz", _) | ("/readyz", _) => health(&node, &path),
+        ("/healthz", _) => node.healthz().into_response(),
+        ("/readyz", _) => node.readyz().into_response(),
         (_, Some(rest)) if rest.starts_with("/app/") => {
             let key = rest["/app/".len()..].to_owned();
             websocket(node, &edge, req, &key)
@@ -179,55 +165,6 @@ pub async fn main_handler(
             StatusCode::NOT_FOUND,
             &json!({ "error": format!("No route {path}") }),
         ),
-    }
-}
-
-/// The metrics port: Prometheus and health.
-pub fn metrics_handler(
-    prometheus: Option<PrometheusHandle>,
-) -> impl Fn(Arc<Node>, Arc<Edge>, Request<Incoming>) -> std::future::Ready<HttpResponse>
-       + Clone
-       + Send
-       + Sync
-       + 'static {
-    move |node, _edge, req| {
-        let response = match req.uri().path() {
-            "/metrics" => {
-                telemetry::ready(node.is_ready(), node.shutdown.is_draining());
-                let text = prometheus.as_ref().map(|p| p.render()).unwrap_or_default();
-                let mut response = Response::new(Full::new(Bytes::from(text)));
-                response.headers_mut().insert(
-                    hyper::header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4"),
-                );
-                response
-            }
-            path @ ("/healthz" | "/readyz") => health(&node, path),
-            path => json_response(
-                StatusCode::NOT_FOUND,
-                &json!({ "error": format!("No route {path}") }),
-            ),
-        };
-        std::future::ready(response)
-    }
-}
-
-fn health(node: &Node, path: &str) -> HttpResponse {
-    if path == "/healthz" {
-        return json_response(StatusCode::OK, &json!({ "status": "alive" }));
-    }
-    if node.is_ready() {
-        json_response(StatusCode::OK, &json!({ "status": "ready" }))
-    } else {
-        let why = if node.shutdown.is_draining() {
-            "draining"
-        } else {
-            "bus unavailable"
-        };
-        json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &json!({ "status": "not ready", "reason": why }),
-        )
     }
 }
 

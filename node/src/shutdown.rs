@@ -30,6 +30,12 @@ impl Shutdown {
     pub async fn stopped(&self) {
         self.stop.cancelled().await
     }
+
+    /// Cancelled with `stop_accepting`, for servers that take a token (the
+    /// metrics port, `belfry_coordinator::metrics_server`).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

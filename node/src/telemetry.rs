@@ -1,22 +1,54 @@
-//! Metrics (logging is set up by `belfry_coordinator::logging`). Every metric is named `belfry_*` and labelled only with
-//! bounded values (app id, reason, route, status): never a channel name or a
-//! socket id. Per-app handles are registered once, so the hot paths only
-//! touch atomics. `docs/operations.md` lists every metric.
+//! What the node reports about itself: its metrics, and its answers on
+//! `/healthz` and `/readyz` (on both ports; the metrics port itself is
+//! `belfry_coordinator::metrics_server`, which also installs the recorder).
+//! Logging is set up by `belfry_coordinator::logging`.
+//!
+//! Every metric is named `belfry_*` and labelled only with bounded values
+//! (app id, reason, route, status): never a channel name or a socket id.
+//! Per-app handles are registered once, so the hot paths only touch
+//! atomics. `docs/operations.md` lists every metric.
 
+use belfry_coordinator::metrics_server::{Probe, Probes};
+use hyper::StatusCode;
 use metrics::{counter, gauge, histogram, Counter, Gauge};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
 
-/// Installs the Prometheus recorder; must run before any handle is made.
-pub fn install_recorder() -> Option<PrometheusHandle> {
-    let latency_buckets = [
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-    ];
-    PrometheusBuilder::new()
-        .set_buckets(&latency_buckets)
-        .ok()?
-        .install_recorder()
-        .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
-        .ok()
+use crate::node::Node;
+
+/// The bodies are JSON the node's HTTP API also speaks (`json_response`).
+impl Probes for Node {
+    fn healthz(&self) -> Probe {
+        Probe::json(StatusCode::OK, json!({ "status": "alive" }).to_string())
+    }
+
+    fn readyz(&self) -> Probe {
+        if self.is_ready() {
+            return Probe::json(StatusCode::OK, json!({ "status": "ready" }).to_string());
+        }
+        let why = if self.shutdown.is_draining() {
+            "draining"
+        } else {
+            "bus unavailable"
+        };
+        Probe::json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "status": "not ready", "reason": why }).to_string(),
+        )
+    }
+
+    fn not_found(&self, path: &str) -> Probe {
+        Probe::json(
+            StatusCode::NOT_FOUND,
+            json!({ "error": format!("No route {path}") }).to_string(),
+        )
+    }
+
+    /// `belfry_ready` and `belfry_draining` are set where readiness changes
+    /// by the node's own hand (start, drain); the bus's health changes on
+    /// its own, so both are read again for every scrape.
+    fn before_scrape(&self) {
+        ready(self.is_ready(), self.shutdown.is_draining());
+    }
 }
 
 /// Why a handshake can be refused (`belfry_connections_refused_total`).

@@ -10,8 +10,11 @@ use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use belfry_coordinator::metrics_server::Descriptors;
 use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::telemetry;
 
 pub struct FdBudget {
     /// Descriptors the node may use for client sockets; `usize::MAX` = no reserve.
@@ -87,6 +90,25 @@ impl FdBudget {
                 _ => false,
             };
         *self.spare.lock() = std::fs::File::open("/dev/null").ok();
+        shed
+    }
+}
+
+/// The metrics port's sockets count against the budget but are never shed
+/// (the reserve is there for them); out of descriptors, it sheds a waiting
+/// client as the main port does.
+impl Descriptors for FdBudget {
+    type Slot = FdSlot;
+
+    fn open(self: &Arc<Self>) -> FdSlot {
+        self.take().0
+    }
+
+    async fn accept_failed(&self, listener: &TcpListener, error: &io::Error) -> bool {
+        let shed = self.shed_one(listener, error).await;
+        if shed {
+            telemetry::refused("fd_reserve");
+        }
         shed
     }
 }
