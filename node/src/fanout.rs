@@ -237,6 +237,7 @@ mod tests {
 
     use super::*;
     use crate::config::AppConfig;
+    use crate::outbox::fake_wire::FakeWire;
     use crate::outbox::Outbox;
     use crate::registry::Registry;
 
@@ -380,5 +381,196 @@ mod tests {
         stop.cancel();
         tasks.close();
         tasks.wait().await;
+    }
+
+    /// One app ("a") over `shards` fan-out shards, its flushers running.
+    fn one_app(
+        shards: usize,
+    ) -> (
+        Arc<Registry>,
+        Arc<AppRegistry>,
+        TaskTracker,
+        CancellationToken,
+    ) {
+        let app = AppConfig {
+            id: "a".into(),
+            ..AppConfig::default()
+        };
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let registry = Registry::new(&[app], shards, &tasks, &stop);
+        let apps = registry.by_id("a").unwrap().clone();
+        (registry, apps, tasks, stop)
+    }
+
+    /// A connection on `wire`, on the next shard, subscribed to `channels`.
+    fn subscribe(
+        registry: &Registry,
+        app: &AppRegistry,
+        wire: &Arc<FakeWire>,
+        id: u64,
+        max_frames: usize,
+        channels: &[&str],
+    ) -> ConnHandle {
+        let handle = ConnHandle {
+            socket_id: SocketId(id, id),
+            outbox: Arc::new(Outbox::new(wire, max_frames, None)),
+            shard: registry.assign_shard(),
+        };
+        for channel in channels {
+            app.add_subscriber(channel, handle.clone(), &[]);
+        }
+        handle
+    }
+
+    /// Lets the flushers run until `done`, for at most five seconds.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting until {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// The channel and `n` of each event a wire took.
+    fn events(wire: &FakeWire) -> Vec<(String, u64)> {
+        wire.texts()
+            .iter()
+            .map(|t| {
+                let v: serde_json::Value = serde_json::from_str(t).unwrap();
+                assert_eq!(v["event"], "e");
+                (v["channel"].as_str().unwrap().to_owned(), n_of(t))
+            })
+            .collect()
+    }
+
+    async fn stop_all(tasks: TaskTracker, stop: CancellationToken) {
+        stop.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_subscriber_gets_each_event_of_its_channels_once_in_publish_order() {
+        let (registry, app, tasks, stop) = one_app(3);
+        // Nine connections, round robin over three shards: on every shard one
+        // is on "a", one on "b" and one on both.
+        let mut subscribers = Vec::new();
+        for i in 0..9u64 {
+            let channels: &[&str] = match i / 3 {
+                0 => &["a"],
+                1 => &["b"],
+                _ => &["a", "b"],
+            };
+            let wire = FakeWire::open();
+            let handle = subscribe(&registry, &app, &wire, i + 1, 1024, channels);
+            subscribers.push((wire, handle, channels));
+        }
+        let shards: std::collections::HashSet<_> =
+            subscribers.iter().map(|(_, h, _)| h.shard).collect();
+        assert_eq!(shards.len(), 3);
+
+        let published: Vec<(String, u64)> = (0..200u64)
+            .map(|n| (if n % 3 == 0 { "b" } else { "a" }.to_owned(), n))
+            .collect();
+        for (channel, n) in &published {
+            registry
+                .deliver(Envelope::event("a", channel, "e", format!("{{\"n\":{n}}}")))
+                .await;
+        }
+        for (i, (wire, _, channels)) in subscribers.iter().enumerate() {
+            let want: Vec<(String, u64)> = published
+                .iter()
+                .filter(|(channel, _)| channels.contains(&channel.as_str()))
+                .cloned()
+                .collect();
+            until(&format!("subscriber {i} has {} events", want.len()), || {
+                wire.texts().len() >= want.len()
+            })
+            .await;
+            assert_eq!(events(wire), want, "subscriber {i} on {channels:?}");
+        }
+        stop_all(tasks, stop).await;
+        for (i, (wire, _, channels)) in subscribers.iter().enumerate() {
+            let want = published
+                .iter()
+                .filter(|(channel, _)| channels.contains(&channel.as_str()))
+                .count();
+            assert_eq!(wire.texts().len(), want, "subscriber {i}: nothing doubled");
+        }
+    }
+
+    #[tokio::test]
+    async fn events_queued_before_a_flush_share_a_write() {
+        // One thread: the flushers run only once the publisher waits, so
+        // the events published meanwhile are all queued before one flush.
+        let (registry, app, tasks, stop) = one_app(2);
+        let wires: Vec<Arc<FakeWire>> = (0..4).map(|_| FakeWire::open()).collect();
+        for (i, wire) in wires.iter().enumerate() {
+            subscribe(&registry, &app, wire, i as u64 + 1, 1024, &["c"]);
+        }
+        let total = 20u64;
+        for n in 0..total {
+            registry
+                .deliver(Envelope::event("a", "c", "e", format!("{{\"n\":{n}}}")))
+                .await;
+        }
+        until("every subscriber has every event", || {
+            wires.iter().all(|w| w.texts().len() == total as usize)
+        })
+        .await;
+        for (i, wire) in wires.iter().enumerate() {
+            let got: Vec<u64> = events(wire).into_iter().map(|(_, n)| n).collect();
+            assert_eq!(got, (0..total).collect::<Vec<_>>(), "subscriber {i}");
+            assert!(
+                wire.writes() < total as usize,
+                "subscriber {i}: {} events took {} writes",
+                total,
+                wire.writes()
+            );
+        }
+        stop_all(tasks, stop).await;
+    }
+
+    #[tokio::test]
+    async fn a_slow_subscriber_is_closed_and_the_others_get_every_event() {
+        let (registry, app, tasks, stop) = one_app(2);
+        let full = FakeWire::with_room(0);
+        let slow = subscribe(&registry, &app, &full, 1, 4, &["c"]);
+        let healthy: Vec<Arc<FakeWire>> = (0..3).map(|_| FakeWire::open()).collect();
+        for (i, wire) in healthy.iter().enumerate() {
+            subscribe(&registry, &app, wire, i as u64 + 2, 4, &["c"]);
+        }
+        let publish = |n: u64| Envelope::event("a", "c", "e", format!("{{\"n\":{n}}}"));
+        // The first event finds the slow client's socket full.
+        registry.deliver(publish(0)).await;
+        until("the full socket blocked", || slow.outbox.is_blocked()).await;
+        let total = 30u64;
+        for n in 1..total {
+            registry.deliver(publish(n)).await;
+        }
+        until("the healthy subscribers have every event", || {
+            healthy.iter().all(|w| w.texts().len() == total as usize)
+        })
+        .await;
+        for (i, wire) in healthy.iter().enumerate() {
+            let got: Vec<u64> = events(wire).into_iter().map(|(_, n)| n).collect();
+            assert_eq!(
+                got,
+                (0..total).collect::<Vec<_>>(),
+                "healthy subscriber {i}"
+            );
+        }
+        let close = slow
+            .outbox
+            .close_request()
+            .expect("the slow client is closed");
+        assert_eq!((close.code, close.reason), (4100, "slow_consumer"));
+        assert!(!slow.outbox.has_pending(), "its backlog is let go");
+        assert!(full.taken().is_empty());
+        stop_all(tasks, stop).await;
     }
 }

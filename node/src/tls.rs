@@ -132,6 +132,13 @@ impl Write for NonBlocking<'_> {
     }
 }
 
+/// The outbox writes to the socket through this; it never reads.
+impl crate::outbox::Wire for Socket {
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        Socket::try_write(self, buf)
+    }
+}
+
 impl Socket {
     pub fn tls(tcp: TcpStream, session: ServerConnection) -> Socket {
         Socket::Tls(Box::new(TlsSocket {
