@@ -17,12 +17,11 @@ use crate::tls::Socket;
 use belfry_coordinator::webhook::Job;
 use belfry_coordinator::{Envelope, PresenceError, PresenceMember};
 use bytes::Bytes;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::node::Node;
 use crate::outbox::{ConnHandle, Outbox};
 use crate::protocol::frame::Encode;
-use crate::protocol::session::Joined;
+use crate::protocol::session::{Cache, Completion, JoinOutcome, Joined, PresenceJoin, Tick};
 use crate::protocol::{code, Action, ChannelKind, ChannelName, Session, SocketId};
 use crate::registry::{AppRegistry, ONLINE_CHANNEL};
 use crate::websocket::{self, Decoder, Incoming, Violation};
@@ -174,9 +173,8 @@ fn serve(
     early_end: Option<Box<End>>,
 ) -> impl std::future::Future<Output = ()> + Send {
     async move {
-        let activity = crate::config::Config::ping_after(&conn.app.config);
-        let mut idle = std::pin::pin!(tokio::time::sleep(activity));
-        let mut pinged = false;
+        let deadline = |session: &Session| tokio::time::Instant::from_std(session.deadline());
+        let mut idle = std::pin::pin!(tokio::time::sleep_until(deadline(&session)));
         // `end` is used up (in this block) before anything is awaited, so it
         // takes no room beside the loop's state.
         let (reason, close_handshake) = {
@@ -248,9 +246,8 @@ fn serve(
                                 // Only a whole frame counts as activity: a frame
                                 // trickled byte by byte must not keep a socket alive.
                                 Read::Data if !incoming.is_empty() => {
-                                    let activity = crate::config::Config::ping_after(&conn.app.config);
-                                    idle.as_mut().reset(tokio::time::Instant::now() + activity);
-                                    pinged = false;
+                                    session.on_activity(Instant::now());
+                                    idle.as_mut().reset(deadline(&session));
                                 }
                                 Read::Data | Read::WouldBlock => {}
                                 Read::Eof => break End::Error,
@@ -258,13 +255,12 @@ fn serve(
                             }
                         }
                         _ = &mut idle => {
-                            if pinged {
-                                break End::Closed(code::PONG_TIMEOUT, "Pong reply not received in time".into(), "ping_timeout");
+                            match session.on_tick(Instant::now()) {
+                                Tick::Ping(frame) => conn.handle.send(frame.as_str()),
+                                Tick::Close(code, message) => break End::Closed(code, message, "ping_timeout"),
+                                Tick::Wait => {}
                             }
-                            pinged = true;
-                            conn.handle.send(Encode::ping().as_str());
-                            let pong_wait = Duration::from_secs(conn.app.config.pong_timeout);
-                            idle.as_mut().reset(tokio::time::Instant::now() + pong_wait);
+                            idle.as_mut().reset(deadline(&session));
                         }
                     }
                 },
@@ -324,9 +320,10 @@ impl Conn {
             match action {
                 Action::Send(frame) => self.handle.send(frame.as_str()),
                 Action::Subscribe { channel, member } => {
-                    if let Err(frame) = self.join(&channel, member).await {
-                        session.subscription_failed(&channel);
-                        self.handle.send(frame.as_str());
+                    let outcome = self.join(&channel, member.as_ref()).await;
+                    match session.on_joined(&channel, member, outcome) {
+                        Ok(done) => self.complete(&channel, done).await,
+                        Err(frame) => self.handle.send(frame.as_str()),
                     }
                 }
                 Action::Unsubscribe { channel, presence } => self.leave(&channel, presence).await,
@@ -387,128 +384,99 @@ impl Conn {
         }
     }
 
-    /// Subscribes this connection: the hub first (it answers once the bus
+    /// Carries out a subscription: the hub first (it answers once the bus
     /// confirmed, so nothing published after `subscription_succeeded` can be
-    /// missed), then presence, then the local registry together with the
-    /// first frames. Every failure after the hub gives the hold back.
-    async fn join(
-        &self,
-        channel: &ChannelName,
-        member: Option<PresenceMember>,
-    ) -> Result<(), Utf8Bytes> {
+    /// missed), then presence, the occupancy count and the cache. Every
+    /// failure after the hub gives back what was taken. What the client is
+    /// told is the session's to decide (`Session::on_joined`).
+    async fn join(&self, channel: &ChannelName, member: Option<&PresenceMember>) -> JoinOutcome {
         let app_id = self.app.config.id.as_str();
         let name = channel.as_str();
-        let socket = self.handle.socket_id.to_string();
-        let unavailable = |e: String| {
-            Encode::subscription_error(
-                name,
-                code::OVER_CAPACITY,
-                &format!("Subscription failed: {e}"),
-                503,
-            )
-        };
         // Holds the channel from here on; on an error the hub gave it back.
-        self.node
-            .hub
-            .join(app_id, name)
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
-
-        let mut first = Vec::with_capacity(2);
-        let mut added = None;
+        if let Err(e) = self.node.hub.join(app_id, name).await {
+            return JoinOutcome::Unavailable(e.to_string());
+        }
+        let mut presence = None;
         if let Some(member) = member {
+            let socket = self.handle.socket_id.to_string();
+            let max = self.app.config.max_presence_members;
             let joined = self
                 .node
                 .presence
-                .join(
-                    app_id,
-                    name,
-                    &socket,
-                    member.clone(),
-                    self.app.config.max_presence_members,
-                )
+                .join(app_id, name, &socket, member.clone(), max)
                 .await;
-            let joined = match joined {
-                Ok(j) => j,
-                Err(PresenceError::Full(max)) => {
-                    self.node.hub.leave(app_id, name);
-                    return Err(Encode::subscription_error(
-                        name,
-                        code::OVER_QUOTA,
-                        &format!("Presence channel is full ({max} members)"),
-                        403,
-                    ));
+            match joined {
+                Ok(j) => {
+                    if j.user_added {
+                        self.app.metrics.presence_members.increment(1.0);
+                    }
+                    presence = Some(PresenceJoin {
+                        members: j.members,
+                        user_added: j.user_added,
+                    });
                 }
                 Err(e) => {
                     self.node.hub.leave(app_id, name);
-                    return Err(unavailable(e.to_string()));
+                    return match e {
+                        PresenceError::Full(max) => JoinOutcome::Full(max),
+                        e => JoinOutcome::Unavailable(e.to_string()),
+                    };
                 }
-            };
-            first.push(Encode::presence_succeeded(
-                name,
-                joined.members.iter().map(|m| {
-                    (
-                        m.user_id.as_str(),
-                        m.user_id_json.as_str(),
-                        m.user_info.as_deref(),
-                    )
-                }),
-            ));
-            if joined.user_added {
-                self.app.metrics.presence_members.increment(1.0);
-                added = Some(member);
             }
-        } else {
-            first.push(Encode::subscription_succeeded(name));
         }
         if let Err(e) = self.node.subscription_added(app_id, name).await {
-            if let Some(m) = &added {
-                self.rollback_presence(name, m).await;
+            if presence.as_ref().is_some_and(|p| p.user_added) {
+                self.rollback_presence(name).await;
             }
             self.node.hub.leave(app_id, name);
-            return Err(unavailable(e));
+            return JoinOutcome::Unavailable(e);
         }
-        if channel.is_cache() {
-            let cached = match self.node.bus.cached(app_id, name).await {
-                Ok(cached) => cached,
+        let cache = if channel.is_cache() {
+            match self.node.bus.cached(app_id, name).await {
+                Ok(Some(e)) => Cache::Hit {
+                    event: e.event,
+                    data: e.data,
+                    user_id: e.user_id,
+                },
+                Ok(None) => Cache::Miss,
                 Err(e) => {
                     tracing::warn!(error = %e, "cache lookup failed; sending cache_miss");
-                    None
-                }
-            };
-            match cached {
-                Some(e) => first.push(Encode::event_with_user(
-                    &e.event,
-                    Some(name),
-                    &e.data,
-                    e.user_id.as_deref(),
-                )),
-                None => {
-                    first.push(Encode::cache_miss(name));
-                    self.node.webhook(Job::new(app_id, name, "cache_miss"));
+                    Cache::Miss
                 }
             }
-        }
-        self.app.add_subscriber(name, self.handle.clone(), &first);
-        self.handle.outbox.flush();
+        } else {
+            Cache::None
+        };
+        JoinOutcome::Joined { presence, cache }
+    }
 
-        if let Some(member) = added {
+    /// Takes the connection's place on the channel with its first frames,
+    /// then announces a new member.
+    async fn complete(&self, channel: &ChannelName, done: Completion) {
+        let app_id = self.app.config.id.as_str();
+        let name = channel.as_str();
+        if done.cache_miss {
+            self.node.webhook(Job::new(app_id, name, "cache_miss"));
+        }
+        self.app
+            .add_subscriber(name, self.handle.clone(), &done.first);
+        self.handle.outbox.flush();
+        if let Some(member) = done.member_added {
             let mut envelope = Envelope::member_added(
                 app_id,
                 name,
                 &member.user_id_json,
                 member.user_info.as_deref(),
             );
-            envelope.socket_id = Some(socket);
+            envelope.socket_id = Some(self.handle.socket_id.to_string());
             if let Err(e) = self.node.bus.publish(vec![envelope]).await {
                 tracing::warn!(error = %e, "member_added not published");
             }
         }
-        Ok(())
     }
 
     /// Undoes a presence join whose subscription could not complete.
-    async fn rollback_presence(&self, channel: &str, _member: &PresenceMember) {
+    async fn rollback_presence(&self, channel: &str) {
         let socket = self.handle.socket_id.to_string();
         if let Ok(Some(_)) = self
             .node

@@ -30,8 +30,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::outbox::ConnHandle;
 use crate::protocol::frame::Encode;
+use crate::protocol::watchlist::{self, ONLINE_CHANNEL};
 use crate::protocol::SocketId;
-use crate::registry::{AppRegistry, ONLINE_CHANNEL};
+use crate::registry::AppRegistry;
 use crate::websocket;
 
 /// Connections written between two yields: small enough that a publish
@@ -105,17 +106,9 @@ impl FanOut {
     pub async fn deliver(&self, app: &Arc<AppRegistry>, envelope: Envelope) {
         match envelope.kind {
             EnvelopeKind::Event if envelope.channel == ONLINE_CHANNEL => {
-                // Who is online: member events of the internal channel become
-                // watchlist events for the users' watchers.
-                let name = match envelope.event.as_str() {
-                    "pusher_internal:member_added" => "online",
-                    "pusher_internal:member_removed" => "offline",
-                    _ => return,
-                };
-                let user = serde_json::from_str::<serde_json::Value>(&envelope.data)
-                    .ok()
-                    .and_then(|v| v.get("user_id").cloned());
-                if let Some(serde_json::Value::String(user_id)) = user {
+                // Who is online: what the internal channel's events mean is
+                // the protocol's (`protocol/watchlist.rs`); this tells the watchers.
+                if let Some((user_id, name)) = watchlist::change(&envelope.event, &envelope.data) {
                     app.notify_watchers(&user_id, name);
                 }
             }

@@ -18,7 +18,7 @@ use md5::{Digest, Md5};
 use crate::api::signature;
 use crate::config::{AppConfig, ClientEvents};
 use crate::protocol::frame::{self, ClientMessage};
-use crate::protocol::session::{Action, Session};
+use crate::protocol::session::{Action, Cache, JoinOutcome, PresenceJoin, Session};
 use crate::protocol::{auth, SocketId};
 use crate::websocket::{Decoder, Incoming, Violation};
 
@@ -139,9 +139,38 @@ pub fn client_messages(data: &[u8]) {
                         );
                     }
                     // Every other subscription fails, as a full node would
-                    // answer it, so both paths of the session are exercised.
-                    Action::Subscribe { channel, .. } if i % 2 == 1 => {
-                        session.subscription_failed(&channel);
+                    // answer it, so both paths of the session are exercised;
+                    // every answer must be a frame a client can read.
+                    Action::Subscribe { channel, member } => {
+                        let outcome = if i % 2 == 1 {
+                            JoinOutcome::Unavailable("fuzzing".into())
+                        } else {
+                            JoinOutcome::Joined {
+                                presence: member.as_ref().map(|m| PresenceJoin {
+                                    members: vec![m.clone()],
+                                    user_added: true,
+                                }),
+                                cache: if channel.is_cache() {
+                                    Cache::Miss
+                                } else {
+                                    Cache::None
+                                },
+                            }
+                        };
+                        let frames = match session.on_joined(&channel, member, outcome) {
+                            Ok(done) => done.first,
+                            Err(frame) => vec![frame],
+                        };
+                        for frame in frames {
+                            let v: serde_json::Value = serde_json::from_str(frame.as_str())
+                                .unwrap_or_else(|e| {
+                                    panic!("a join frame is not JSON ({e}): {frame}")
+                                });
+                            assert!(
+                                v["event"].is_string(),
+                                "a join frame without an event: {frame}"
+                            );
+                        }
                     }
                     _ => {}
                 }

@@ -67,6 +67,43 @@ fn write_nonblocking(stream: &dyn Wire, buf: &[u8]) -> Wrote {
     Wrote::All
 }
 
+/// After `written` bytes of `pending` went out, how many bytes of the frame
+/// they ended in are still unsent. `pending` starts with `partial` bytes
+/// that finish an earlier frame, then whole (unmasked, server) frames.
+fn unsent_of_frame(pending: &[u8], partial: usize, written: usize) -> usize {
+    if written < partial {
+        return partial - written;
+    }
+    let mut at = partial;
+    while at < written {
+        let Some(len) = frame_len(&pending[at..]) else {
+            return 0;
+        };
+        if at + len > written {
+            return at + len - written;
+        }
+        at += len;
+    }
+    0
+}
+
+/// The length, header included, of the server frame at the start of `buf`.
+fn frame_len(buf: &[u8]) -> Option<usize> {
+    let short = *buf.get(1)? & 0x7f;
+    let (header, payload) = match short {
+        126 => (
+            4,
+            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
+        ),
+        127 => (
+            10,
+            u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
+        ),
+        n => (2, n as usize),
+    };
+    Some(header + payload)
+}
+
 /// Why the connection is to close: its close code, message and metric label.
 #[derive(Debug, Clone)]
 pub struct CloseRequest {
@@ -78,6 +115,10 @@ pub struct CloseRequest {
 #[derive(Default)]
 struct State {
     pending: BytesMut,
+    /// Bytes at the front of `pending` that finish a frame the socket took
+    /// only part of: whatever else is dropped, these must still go out, or
+    /// the client reads the next frame as their payload.
+    partial: u32,
     frames: usize,
     /// The socket refused more bytes; the connection task writes when it can.
     blocked: bool,
@@ -149,7 +190,8 @@ impl Outbox {
         // Only frames held back by a full socket count: a fan-out may queue
         // many frames to a healthy client while it waits for its turn.
         if state.blocked && state.frames >= self.max_frames {
-            state.pending.clear();
+            let partial = state.partial as usize;
+            state.pending.truncate(partial);
             state.close = Some(CloseRequest {
                 code: code::OVER_CAPACITY,
                 message: "Slow consumer: too many frames waiting to be sent".into(),
@@ -214,6 +256,7 @@ impl Outbox {
             Wrote::All => {}
             Wrote::Blocked(n) => {
                 state.pending.extend_from_slice(&frame[n..]);
+                state.partial = if n == 0 { 0 } else { (frame.len() - n) as u32 };
                 state.frames = 1;
                 self.block(state);
             }
@@ -245,8 +288,12 @@ impl Outbox {
             return;
         };
         match write_nonblocking(&*stream, &state.pending) {
-            Wrote::All => state.pending.clear(),
+            Wrote::All => {
+                state.pending.clear();
+                state.partial = 0;
+            }
             Wrote::Blocked(n) => {
+                state.partial = unsent_of_frame(&state.pending, state.partial as usize, n) as u32;
                 state.pending.advance(n);
                 self.block(state);
                 return;
@@ -733,7 +780,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "known bug: blocked inside a frame, a slow consumer's close arrives garbled"]
     fn a_slow_consumer_blocked_inside_a_frame_still_gets_a_readable_close() {
         // The socket took part of a frame when it filled up. Letting the
         // backlog go must keep the rest of that frame, or the error and
@@ -754,6 +800,41 @@ mod tests {
         let frames = wire.frames();
         assert_eq!(frames.first(), Some(&text(first)));
         assert_eq!(frames.last(), Some(&close_frame(4100, &close.message)));
+    }
+
+    #[test]
+    fn a_slow_consumer_blocked_inside_a_later_long_frame_gets_that_frame_whole() {
+        // Blocked inside the second of three queued frames, whose length
+        // needs the 16-bit header: the walk over the frames must find where
+        // it ends, across two partial writes.
+        let long = "x".repeat(300);
+        let first = "first";
+        let wire = FakeWire::with_room(2 + first.len() + 6);
+        let outbox = Outbox::new(&wire, 2, None);
+        outbox.queue(first);
+        outbox.queue(&long);
+        outbox.queue("third");
+        outbox.flush();
+        assert!(outbox.is_blocked());
+        wire.set_room(Some(100));
+        outbox.resume();
+        assert!(outbox.is_blocked(), "still inside the long frame");
+        outbox.queue("4");
+        outbox.queue("5");
+        assert_eq!(outbox.queue("6"), Queued::Dropped);
+        let close = outbox.close_request().expect("closed as a slow consumer");
+        outbox.finish(close.code, &close.message);
+        wire.set_room(None);
+        outbox.write_remaining();
+        let frames = wire.frames();
+        assert_eq!(frames[0], text(first));
+        assert_eq!(frames[1], text(&long));
+        assert_eq!(
+            frames.len(),
+            4,
+            "the long frame, then the error and the close: {frames:?}"
+        );
+        assert_eq!(frames[3], close_frame(4100, &close.message));
     }
 
     #[test]

@@ -25,9 +25,7 @@ use crate::protocol::frame::Encode;
 use crate::protocol::{code, SocketId};
 use crate::telemetry::AppMetrics;
 
-/// The internal presence channel of signed-in users, per app: its member
-/// events drive watchlists. Clients cannot name it (`#` is reserved).
-pub const ONLINE_CHANNEL: &str = "#online";
+pub use crate::protocol::watchlist::ONLINE_CHANNEL;
 
 /// One channel's subscribers in one shard: a list to walk, and, once the
 /// list is long, an index to remove from it in constant time (most channels

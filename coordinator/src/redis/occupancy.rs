@@ -120,6 +120,9 @@ struct Inner {
     local: Mutex<Local>,
     webhooks: Arc<WebhookApps>,
     stop: CancellationToken,
+    /// Cancelled when the heartbeat task has ended, so `close` can delete
+    /// the node's entries knowing no heartbeat will write them back.
+    heartbeat_ended: CancellationToken,
 }
 
 fn unavailable(e: Error) -> String {
@@ -144,6 +147,7 @@ impl RedisOccupancy {
             local: Mutex::new(Local::default()),
             webhooks,
             stop: stop.clone(),
+            heartbeat_ended: CancellationToken::new(),
         });
         tracker.spawn(heartbeat_task(occupancy.clone(), stop));
         RedisOccupancy { inner: occupancy }
@@ -517,6 +521,8 @@ impl Inner {
 }
 
 async fn heartbeat_task(occupancy: Arc<Inner>, stop: CancellationToken) {
+    // `stop` is only looked at between beats, so when this ends no beat is in flight.
+    let _ended = occupancy.heartbeat_ended.clone().drop_guard();
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reconnects = occupancy.redis.client.reconnect_rx();
@@ -614,6 +620,15 @@ impl Occupancy for RedisOccupancy {
         let inner = self.inner.clone();
         Box::pin(async move {
             inner.stop.cancel();
+            // A beat stuck on an unreachable Redis must not hold the exit up:
+            // the coordinator reaps a node whose heartbeat lapsed anyway.
+            let ended = inner.heartbeat_ended.cancelled();
+            if tokio::time::timeout(Duration::from_secs(2), ended)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the heartbeat did not stop within 2 s; leaving the cluster anyway");
+            }
             inner.leave_cluster().await;
         })
     }

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod channel;
 pub mod frame;
 pub mod session;
+pub mod watchlist;
 
 pub use channel::{ChannelKind, ChannelName};
 pub use session::{Action, Session};

@@ -1,9 +1,14 @@
 //! One connection's protocol state, without the socket: it takes the client's
 //! frames and returns `Action`s (frames to send back, subscriptions to make,
-//! events to publish) for the connection task to carry out.
+//! events to publish) for the connection task to carry out. It also takes
+//! what carrying out a subscription found (`JoinOutcome`) and says what the
+//! client is told (`Completion`), and it keeps the ping and pong timers
+//! (`on_activity`, `on_tick`): the connection task only waits for the
+//! deadline it is given.
 //!
 //! Everything a client can get wrong is decided here (auth, channel rules,
-//! client-event policy and rate), so it is all unit-tested without a network.
+//! client-event policy and rate, a silent socket), so it is all unit-tested
+//! without a network or a clock.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -52,6 +57,65 @@ pub enum Action {
         watchlist: Vec<String>,
         previous_watchlist: Vec<String>,
     },
+}
+
+/// What the node found when it carried out an `Action::Subscribe`.
+#[derive(Debug)]
+pub enum JoinOutcome {
+    /// The subscription is in place (the bus confirmed it).
+    Joined {
+        /// Presence channels: who is on it now, and whether this connection
+        /// is its user's first (so the others are told `member_added`).
+        presence: Option<PresenceJoin>,
+        /// What a cache channel held.
+        cache: Cache,
+    },
+    /// The presence channel already has its most members.
+    Full(usize),
+    /// Something the subscription needs is unreachable (the bus, presence).
+    Unavailable(String),
+}
+
+#[derive(Debug)]
+pub struct PresenceJoin {
+    pub members: Vec<PresenceMember>,
+    pub user_added: bool,
+}
+
+/// A cache channel's last event, as the joiner is to get it.
+#[derive(Debug)]
+pub enum Cache {
+    /// Not a cache channel.
+    None,
+    Hit {
+        event: String,
+        data: String,
+        user_id: Option<String>,
+    },
+    Miss,
+}
+
+/// What the connection does once a subscription is complete.
+#[derive(Debug)]
+pub struct Completion {
+    /// Queued together with the connection's place on the channel, so that
+    /// no event published after `subscription_succeeded` arrives before it.
+    pub first: Vec<Utf8Bytes>,
+    /// Announce this member to the channel's other subscribers.
+    pub member_added: Option<PresenceMember>,
+    /// The channel was an empty cache channel (the `cache_miss` webhook).
+    pub cache_miss: bool,
+}
+
+/// What a timer deadline asks of the connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Tick {
+    /// The client was silent for the ping interval: send this ping.
+    Ping(Utf8Bytes),
+    /// No reply to the ping in time: close with this code and message.
+    Close(u16, String),
+    /// Woken before the deadline; wait again.
+    Wait,
 }
 
 /// What the session remembers about one joined channel.
@@ -155,6 +219,9 @@ pub struct Session {
     signin: Option<Box<Signin>>,
     rate: RateLimit,
     rate_limited: u64,
+    /// When the ping (or, once pinged, the close) is due.
+    deadline: Instant,
+    pinged: bool,
 }
 
 /// The string form and JSON text of a presence `user_id`, which may be a
@@ -170,6 +237,7 @@ fn user_id_of(value: &serde_json::Value) -> Option<(String, String)> {
 impl Session {
     pub fn new(socket_id: SocketId, app: Arc<AppConfig>, now: Instant) -> Self {
         let rate = RateLimit::new(app.client_event_rate, now);
+        let deadline = now + crate::config::Config::ping_after(&app);
         Self {
             socket_id,
             app,
@@ -177,7 +245,109 @@ impl Session {
             signin: None,
             rate,
             rate_limited: 0,
+            deadline,
+            pinged: false,
         }
+    }
+
+    /// When the connection should call `on_tick` next.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// A whole frame arrived: the client is alive. (A frame trickled byte by
+    /// byte does not count until it is whole, so it cannot keep a socket open.)
+    pub fn on_activity(&mut self, now: Instant) {
+        self.deadline = now + crate::config::Config::ping_after(&self.app);
+        self.pinged = false;
+    }
+
+    /// The deadline passed: ping a silent client, or close one that did not
+    /// answer the ping within `pong_timeout`.
+    pub fn on_tick(&mut self, now: Instant) -> Tick {
+        if now < self.deadline {
+            return Tick::Wait;
+        }
+        if self.pinged {
+            return Tick::Close(code::PONG_TIMEOUT, "Pong reply not received in time".into());
+        }
+        self.pinged = true;
+        self.deadline = now + std::time::Duration::from_secs(self.app.pong_timeout);
+        Tick::Ping(Encode::ping())
+    }
+
+    /// What the client is told once its subscription to `channel` was
+    /// carried out (`member` is the one `Action::Subscribe` carried). On a
+    /// failure the channel is forgotten, so the client may try again, and
+    /// the `Err` is the `subscription_error` to send.
+    pub fn on_joined(
+        &mut self,
+        channel: &ChannelName,
+        member: Option<PresenceMember>,
+        outcome: JoinOutcome,
+    ) -> Result<Completion, Utf8Bytes> {
+        let name = channel.as_str();
+        let (presence, cache) = match outcome {
+            JoinOutcome::Joined { presence, cache } => (presence, cache),
+            JoinOutcome::Full(max) => {
+                self.channels.remove(channel);
+                return Err(Encode::subscription_error(
+                    name,
+                    code::OVER_QUOTA,
+                    &format!("Presence channel is full ({max} members)"),
+                    403,
+                ));
+            }
+            JoinOutcome::Unavailable(why) => {
+                self.channels.remove(channel);
+                return Err(Encode::subscription_error(
+                    name,
+                    code::OVER_CAPACITY,
+                    &format!("Subscription failed: {why}"),
+                    503,
+                ));
+            }
+        };
+        let mut first = Vec::with_capacity(2);
+        let mut member_added = None;
+        match presence {
+            Some(joined) => {
+                first.push(Encode::presence_succeeded(
+                    name,
+                    joined.members.iter().map(|m| {
+                        (
+                            m.user_id.as_str(),
+                            m.user_id_json.as_str(),
+                            m.user_info.as_deref(),
+                        )
+                    }),
+                ));
+                if joined.user_added {
+                    member_added = member;
+                }
+            }
+            None => first.push(Encode::subscription_succeeded(name)),
+        }
+        let cache_miss = matches!(cache, Cache::Miss);
+        match cache {
+            Cache::None => {}
+            Cache::Hit {
+                event,
+                data,
+                user_id,
+            } => first.push(Encode::event_with_user(
+                &event,
+                Some(name),
+                &data,
+                user_id.as_deref(),
+            )),
+            Cache::Miss => first.push(Encode::cache_miss(name)),
+        }
+        Ok(Completion {
+            first,
+            member_added,
+            cache_miss,
+        })
     }
 
     /// Client events refused by the rate limit so far.
@@ -197,11 +367,6 @@ impl Session {
     /// Channels joined (or being joined), for cleanup when the socket closes.
     pub fn take_channels(&mut self) -> Vec<(ChannelName, Joined)> {
         self.channels.drain().collect()
-    }
-
-    /// The connection could not complete a subscription (presence full, bus down).
-    pub fn subscription_failed(&mut self, channel: &ChannelName) {
-        self.channels.remove(channel);
     }
 
     pub fn on_text(&mut self, text: &str, now: Instant) -> Vec<Action> {
@@ -803,5 +968,217 @@ mod tests {
             sent(&s.on_text(r#"{"event":"pusher:bogus"}"#, Instant::now()))[0]["event"],
             "pusher:error"
         );
+    }
+
+    fn member(id: &str) -> PresenceMember {
+        PresenceMember {
+            user_id: id.into(),
+            user_id_json: format!("\"{id}\""),
+            user_info: Some(format!("{{\"name\":\"{id}\"}}")),
+        }
+    }
+
+    fn frames(first: &[Utf8Bytes]) -> Vec<serde_json::Value> {
+        first
+            .iter()
+            .map(|f| serde_json::from_str(f.as_str()).unwrap())
+            .collect()
+    }
+
+    /// Subscribes to `name` (public or cache: no auth) and returns what the
+    /// session asked for.
+    fn subscribe_public(s: &mut Session, name: &str) -> ChannelName {
+        match &s.on_text(&subscribe_frame(name, None, None), Instant::now())[..] {
+            [Action::Subscribe { channel, .. }] => channel.clone(),
+            other => panic!("no subscribe: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_completed_join_sends_success_then_the_cached_event() {
+        let mut s = session();
+        let channel = subscribe_public(&mut s, "cache-prices");
+        let cache = Cache::Hit {
+            event: "Price".into(),
+            data: "{\"v\":1}".into(),
+            user_id: None,
+        };
+        let outcome = JoinOutcome::Joined {
+            presence: None,
+            cache,
+        };
+        let done = s.on_joined(&channel, None, outcome).unwrap();
+        let got = frames(&done.first);
+        assert_eq!(got[0]["event"], "pusher_internal:subscription_succeeded");
+        assert_eq!(
+            (got[1]["event"].as_str(), got[1]["channel"].as_str()),
+            (Some("Price"), Some("cache-prices"))
+        );
+        assert!(!done.cache_miss && done.member_added.is_none());
+
+        let empty = subscribe_public(&mut s, "cache-empty");
+        let done = s
+            .on_joined(
+                &empty,
+                None,
+                JoinOutcome::Joined {
+                    presence: None,
+                    cache: Cache::Miss,
+                },
+            )
+            .unwrap();
+        let got = frames(&done.first);
+        assert_eq!(got[1]["event"], "pusher:cache_miss");
+        assert!(done.cache_miss, "the cache_miss webhook is asked for");
+    }
+
+    #[test]
+    fn a_presence_join_lists_the_members_and_announces_only_a_new_user() {
+        let mut s = session();
+        let data = r#"{"user_id":"u1","user_info":{"name":"u1"}}"#;
+        let auth = sign(&format!("1.2:presence-room:{data}"));
+        let actions = s.on_text(
+            &subscribe_frame("presence-room", Some(auth), Some(data)),
+            Instant::now(),
+        );
+        let [Action::Subscribe {
+            channel,
+            member: Some(m),
+        }] = &actions[..]
+        else {
+            panic!("no presence subscribe: {actions:?}");
+        };
+        let members = vec![member("u0"), m.clone()];
+        let outcome = JoinOutcome::Joined {
+            presence: Some(PresenceJoin {
+                members,
+                user_added: true,
+            }),
+            cache: Cache::None,
+        };
+        let done = s.on_joined(channel, Some(m.clone()), outcome).unwrap();
+        let got = frames(&done.first);
+        assert_eq!(got[0]["event"], "pusher_internal:subscription_succeeded");
+        let presence: serde_json::Value =
+            serde_json::from_str(got[0]["data"].as_str().unwrap()).unwrap();
+        assert_eq!(presence["presence"]["count"], 2);
+        assert_eq!(presence["presence"]["ids"], serde_json::json!(["u0", "u1"]));
+        assert_eq!(done.member_added.map(|m| m.user_id), Some("u1".to_owned()));
+
+        // A second tab of a user already on the channel: no member_added.
+        let mut tab = session();
+        let actions = tab.on_text(
+            &subscribe_frame(
+                "presence-room",
+                Some(sign(&format!("1.2:presence-room:{data}"))),
+                Some(data),
+            ),
+            Instant::now(),
+        );
+        let [Action::Subscribe { channel, member }] = &actions[..] else {
+            panic!()
+        };
+        let outcome = JoinOutcome::Joined {
+            presence: Some(PresenceJoin {
+                members: vec![member.clone().unwrap()],
+                user_added: false,
+            }),
+            cache: Cache::None,
+        };
+        assert!(tab
+            .on_joined(channel, member.clone(), outcome)
+            .unwrap()
+            .member_added
+            .is_none());
+    }
+
+    #[test]
+    fn a_failed_join_answers_an_error_and_forgets_the_channel() {
+        let mut s = session();
+        let channel = subscribe_public(&mut s, "orders");
+        let err = s
+            .on_joined(
+                &channel,
+                None,
+                JoinOutcome::Unavailable("Redis is unreachable".into()),
+            )
+            .unwrap_err();
+        let err: serde_json::Value = serde_json::from_str(err.as_str()).unwrap();
+        assert_eq!(err["event"], "pusher:subscription_error");
+        assert_eq!(err["data"]["status"], 503);
+        assert!(err["data"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("Redis is unreachable"));
+        // Forgotten: the client may subscribe again (not ignored as a duplicate).
+        subscribe_public(&mut s, "orders");
+        let err = s
+            .on_joined(&channel, None, JoinOutcome::Full(100))
+            .unwrap_err();
+        let err: serde_json::Value = serde_json::from_str(err.as_str()).unwrap();
+        assert_eq!(err["data"]["status"], 403);
+        assert!(err["data"]["error"].as_str().unwrap().contains("100"));
+        // And client events on it are refused: it is not joined.
+        let whisper = s.on_text(
+            r#"{"event":"client-x","channel":"orders","data":{}}"#,
+            Instant::now(),
+        );
+        assert_eq!(sent(&whisper)[0]["event"], "pusher:error");
+    }
+
+    #[test]
+    fn a_silent_client_is_pinged_then_closed_and_any_frame_resets_the_timer() {
+        let start = Instant::now();
+        let app = Arc::new(AppConfig {
+            activity_timeout: 30,
+            ping_interval: 0,
+            pong_timeout: 10,
+            ..AppConfig::default()
+        });
+        let mut s = Session::new(SocketId(1, 2), app, start);
+        assert_eq!(s.deadline(), start + Duration::from_secs(30));
+        assert_eq!(
+            s.on_tick(start + Duration::from_secs(29)),
+            Tick::Wait,
+            "woken early"
+        );
+        let at = start + Duration::from_secs(30);
+        let Tick::Ping(frame) = s.on_tick(at) else {
+            panic!("no ping")
+        };
+        assert!(frame.as_str().contains("pusher:ping"));
+        assert_eq!(
+            s.deadline(),
+            at + Duration::from_secs(10),
+            "the pong timeout runs"
+        );
+        // The reply (any whole frame) makes the client alive again.
+        let reply = at + Duration::from_secs(3);
+        s.on_activity(reply);
+        assert_eq!(s.deadline(), reply + Duration::from_secs(30));
+        assert!(matches!(
+            s.on_tick(reply + Duration::from_secs(30)),
+            Tick::Ping(_)
+        ));
+        // No reply this time: closed with 4201.
+        match s.on_tick(reply + Duration::from_secs(40)) {
+            Tick::Close(code, message) => {
+                assert_eq!(code, code::PONG_TIMEOUT);
+                assert!(message.contains("Pong"));
+            }
+            other => panic!("not closed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ping_interval_overrides_the_activity_timeout_for_the_server_ping() {
+        let start = Instant::now();
+        let app = Arc::new(AppConfig {
+            activity_timeout: 120,
+            ping_interval: 15,
+            ..AppConfig::default()
+        });
+        let s = Session::new(SocketId(1, 2), app, start);
+        assert_eq!(s.deadline(), start + Duration::from_secs(15));
     }
 }
