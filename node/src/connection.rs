@@ -429,7 +429,7 @@ impl Conn {
                 self.rollback_presence(name).await;
             }
             self.node.hub.leave(app_id, name);
-            return JoinOutcome::Unavailable(e);
+            return JoinOutcome::Unavailable(e.to_string());
         }
         let cache = if channel.is_cache() {
             match self.node.bus.cached(app_id, name).await {

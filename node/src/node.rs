@@ -15,7 +15,8 @@ use belfry_coordinator::webhook::{
     stream::StreamSink, DispatchOptions, Dispatcher, Job, NoSink, Sink, WebhookApp, WebhookApps,
 };
 use belfry_coordinator::{
-    Bus, CacheTtl, LocalBus, LocalOccupancy, MemoryPresence, Occupancy, PresenceStore,
+    Bus, CacheTtl, LocalBus, LocalOccupancy, MemoryPresence, Occupancy, OccupancyError,
+    PresenceStore,
 };
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -261,11 +262,8 @@ impl Node {
     }
 
     /// A local subscription began; counted before `subscription_succeeded`.
-    pub async fn subscription_added(&self, app: &str, channel: &str) -> Result<(), String> {
-        self.occupancy
-            .joined(app, channel)
-            .await
-            .map_err(|e| e.to_string())
+    pub async fn subscription_added(&self, app: &str, channel: &str) -> Result<(), OccupancyError> {
+        self.occupancy.joined(app, channel).await
     }
 
     pub async fn subscription_removed(&self, app: &str, channel: &str) {
@@ -279,19 +277,18 @@ impl Node {
         &self,
         app: &AppRegistry,
         channel: &str,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, OccupancyError> {
         self.occupancy
             .subscription_count(&app.config.id, channel)
             .await
-            .map_err(|e| e.to_string())
     }
 
     /// Occupied channels with their subscription counts, cluster-wide in cluster mode.
-    pub async fn channels(&self, app: &AppRegistry) -> Result<Vec<(String, usize)>, String> {
-        self.occupancy
-            .channels(&app.config.id)
-            .await
-            .map_err(|e| e.to_string())
+    pub async fn channels(
+        &self,
+        app: &AppRegistry,
+    ) -> Result<Vec<(String, usize)>, OccupancyError> {
+        self.occupancy.channels(&app.config.id).await
     }
 
     /// A connection of `app` ended.

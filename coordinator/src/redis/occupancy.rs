@@ -125,8 +125,8 @@ struct Inner {
     heartbeat_ended: CancellationToken,
 }
 
-fn unavailable(e: Error) -> String {
-    format!("Redis: {e}")
+fn unavailable(e: Error) -> OccupancyError {
+    OccupancyError::Unavailable(format!("Redis: {e}"))
 }
 
 impl RedisOccupancy {
@@ -160,7 +160,7 @@ impl RedisOccupancy {
 
 impl Inner {
     /// One more local subscription on `channel`.
-    pub async fn joined(&self, app: &str, channel: &str) -> Result<(), String> {
+    pub async fn joined(&self, app: &str, channel: &str) -> Result<(), OccupancyError> {
         *self
             .local
             .lock()
@@ -208,7 +208,7 @@ impl Inner {
     }
 
     /// One local subscription on `channel` ended.
-    pub async fn left(&self, app: &str, channel: &str) -> Result<(), String> {
+    pub async fn left(&self, app: &str, channel: &str) -> Result<(), OccupancyError> {
         let key = (app.to_owned(), channel.to_owned());
         let now_empty_here = {
             let mut local = self.local.lock();
@@ -274,7 +274,7 @@ impl Inner {
     /// leftovers until the coordinator deletes them, and are not added up.
     /// (A node missing from the set altogether, as right after a Redis
     /// restart, still counts: it re-registers within a heartbeat.)
-    async fn dead_nodes(&self) -> Result<HashSet<String>, String> {
+    async fn dead_nodes(&self) -> Result<HashSet<String>, OccupancyError> {
         let now_ms = (now_us() / 1000) as f64;
         let dead: Vec<String> = self
             .redis
@@ -294,7 +294,11 @@ impl Inner {
     }
 
     /// Subscriptions on `channel` across the cluster.
-    pub async fn subscription_count(&self, app: &str, channel: &str) -> Result<usize, String> {
+    pub async fn subscription_count(
+        &self,
+        app: &str,
+        channel: &str,
+    ) -> Result<usize, OccupancyError> {
         let dead = self.dead_nodes().await?;
         let counts: HashMap<String, i64> = self
             .redis
@@ -313,7 +317,7 @@ impl Inner {
         &self,
         app: &str,
         channels: &[String],
-    ) -> Result<Vec<(usize, bool)>, String> {
+    ) -> Result<Vec<(usize, bool)>, OccupancyError> {
         let dead = self.dead_nodes().await?;
         let hashes = self.occupancy_hashes(app, channels).await?;
         Ok(hashes
@@ -336,7 +340,7 @@ impl Inner {
         &self,
         app: &str,
         names: &[String],
-    ) -> Result<Vec<HashMap<String, i64>>, String> {
+    ) -> Result<Vec<HashMap<String, i64>>, OccupancyError> {
         let mut out = Vec::with_capacity(names.len());
         for chunk in names.chunks(200) {
             let pipeline = self.redis.client.pipeline();
@@ -353,7 +357,7 @@ impl Inner {
     }
 
     /// Every channel of `app` with subscribers anywhere, with its count.
-    pub async fn channels(&self, app: &str) -> Result<Vec<(String, usize)>, String> {
+    pub async fn channels(&self, app: &str) -> Result<Vec<(String, usize)>, OccupancyError> {
         let names: Vec<String> = self
             .redis
             .client
@@ -551,19 +555,15 @@ async fn heartbeat_task(occupancy: Arc<Inner>, stop: CancellationToken) {
     }
 }
 
-fn unavailable_err(e: String) -> OccupancyError {
-    OccupancyError::Unavailable(e)
-}
-
 impl Occupancy for RedisOccupancy {
     fn joined(&self, app: &str, channel: &str) -> BoxFuture<'static, Result<(), OccupancyError>> {
         let (inner, app, channel) = (self.inner.clone(), app.to_owned(), channel.to_owned());
-        Box::pin(async move { inner.joined(&app, &channel).await.map_err(unavailable_err) })
+        Box::pin(async move { inner.joined(&app, &channel).await })
     }
 
     fn left(&self, app: &str, channel: &str) -> BoxFuture<'static, Result<(), OccupancyError>> {
         let (inner, app, channel) = (self.inner.clone(), app.to_owned(), channel.to_owned());
-        Box::pin(async move { inner.left(&app, &channel).await.map_err(unavailable_err) })
+        Box::pin(async move { inner.left(&app, &channel).await })
     }
 
     fn subscription_count(
@@ -572,12 +572,7 @@ impl Occupancy for RedisOccupancy {
         channel: &str,
     ) -> BoxFuture<'static, Result<usize, OccupancyError>> {
         let (inner, app, channel) = (self.inner.clone(), app.to_owned(), channel.to_owned());
-        Box::pin(async move {
-            inner
-                .subscription_count(&app, &channel)
-                .await
-                .map_err(unavailable_err)
-        })
+        Box::pin(async move { inner.subscription_count(&app, &channel).await })
     }
 
     fn counts_to_report(
@@ -586,12 +581,7 @@ impl Occupancy for RedisOccupancy {
         channels: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<(usize, bool)>, OccupancyError>> {
         let (inner, app) = (self.inner.clone(), app.to_owned());
-        Box::pin(async move {
-            inner
-                .counts_to_report(&app, &channels)
-                .await
-                .map_err(unavailable_err)
-        })
+        Box::pin(async move { inner.counts_to_report(&app, &channels).await })
     }
 
     fn channels(
@@ -599,7 +589,7 @@ impl Occupancy for RedisOccupancy {
         app: &str,
     ) -> BoxFuture<'static, Result<Vec<(String, usize)>, OccupancyError>> {
         let (inner, app) = (self.inner.clone(), app.to_owned());
-        Box::pin(async move { inner.channels(&app).await.map_err(unavailable_err) })
+        Box::pin(async move { inner.channels(&app).await })
     }
 
     fn connection_opened(&self, app: &str) {

@@ -15,6 +15,23 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls::ClientConfig;
 
+/// Why a POST got no status code. (A refusal is a status, not an error.)
+#[derive(Debug, thiserror::Error)]
+pub enum PostError {
+    #[error("bad url: {0}")]
+    Url(String),
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("handshake: {0}")]
+    Handshake(hyper::Error),
+    #[error("request: {0}")]
+    Request(String),
+    #[error("timed out")]
+    TimedOut,
+}
+
 /// A webhook URL taken apart once, when the configuration is read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -69,20 +86,21 @@ pub struct Post<'a> {
 }
 
 /// The status code of one POST, or why none came.
-pub async fn post(url: &str, request: Post<'_>) -> Result<u16, String> {
-    let target = Target::parse(url)?;
+pub async fn post(url: &str, request: Post<'_>) -> Result<u16, PostError> {
+    let target = Target::parse(url).map_err(PostError::Url)?;
     let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(PostError::Connect)?;
     let _ = tcp.set_nodelay(true);
     if !target.tls {
         return exchange(tcp, &target, request).await;
     }
-    let name = ServerName::try_from(target.host.clone()).map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(tls_config()?)
+    let name =
+        ServerName::try_from(target.host.clone()).map_err(|e| PostError::Url(e.to_string()))?;
+    let tls = tokio_rustls::TlsConnector::from(tls_config().map_err(PostError::Tls)?)
         .connect(name, tcp)
         .await
-        .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(|e| PostError::Tls(e.to_string()))?;
     exchange(tls, &target, request).await
 }
 
@@ -96,13 +114,13 @@ fn tls_config() -> Result<Arc<ClientConfig>, String> {
         .clone()
 }
 
-async fn exchange<S>(stream: S, target: &Target, request: Post<'_>) -> Result<u16, String>
+async fn exchange<S>(stream: S, target: &Target, request: Post<'_>) -> Result<u16, PostError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("handshake: {e}"))?;
+        .map_err(PostError::Handshake)?;
     // Ends with the exchange: aborted below, and it owns nothing else.
     let conn = tokio::spawn(connection);
     let http = hyper::Request::post(target.path.as_str())
@@ -112,7 +130,7 @@ where
         .header("X-Pusher-Signature", request.signature)
         .header("X-Belfry-Webhook-Id", request.id)
         .body(Full::new(Bytes::from(request.body)))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| PostError::Request(e.to_string()))?;
     let outcome = sender.send_request(http).await;
     let status = match outcome {
         Ok(response) => {
@@ -121,7 +139,7 @@ where
             let _ = response.into_body().collect().await;
             Ok(status)
         }
-        Err(e) => Err(format!("request: {e}")),
+        Err(e) => Err(PostError::Request(e.to_string())),
     };
     conn.abort();
     status

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::client::{post, Post};
+use super::client::{post, Post, PostError};
 use super::config::{WebhookApp, WebhookApps, WebhookTarget};
 use super::{format, Job, Sink};
 
@@ -352,7 +352,7 @@ async fn deliver(
         };
         let outcome = tokio::time::timeout(options.request_timeout, post(&target.url, request))
             .await
-            .unwrap_or_else(|_| Err("timed out".into()));
+            .unwrap_or(Err(PostError::TimedOut));
         match outcome {
             Ok(status) if (200..300).contains(&status) => {
                 metrics::counter!("belfry_webhook_sent_total").increment(batch.jobs.len() as u64);
@@ -367,7 +367,7 @@ async fn deliver(
             outcome => {
                 let why = match outcome {
                     Ok(status) => format!("HTTP {status}"),
-                    Err(e) => e,
+                    Err(e) => e.to_string(),
                 };
                 let wait = jitter(backoff);
                 if started.elapsed() + wait > options.retry_for {

@@ -54,6 +54,13 @@ pub enum ApiError {
     TooManyRequests { message: String, retry_after: u64 },
 }
 
+/// Counts that cannot be read right now: 503, as for any store that is away.
+impl From<belfry_coordinator::OccupancyError> for ApiError {
+    fn from(e: belfry_coordinator::OccupancyError) -> Self {
+        ApiError::Unavailable(e.to_string())
+    }
+}
+
 impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
@@ -263,7 +270,7 @@ async fn dispatch(
             }
             let attributes = event_info(&info);
             let mut out = BTreeMap::new();
-            let channels = node.channels(&app).await.map_err(ApiError::Unavailable)?;
+            let channels = node.channels(&app).await?;
             for (name, subscriptions) in channels {
                 if !name.starts_with(prefix) {
                     continue;
@@ -292,10 +299,7 @@ async fn dispatch(
                     "info=user_count is only for presence channels".into(),
                 ));
             }
-            let subscriptions = node
-                .subscription_count(&app, channel.as_str())
-                .await
-                .map_err(ApiError::Unavailable)?;
+            let subscriptions = node.subscription_count(&app, channel.as_str()).await?;
             let mut out = serde_json::Map::new();
             out.insert("occupied".into(), json!(subscriptions > 0));
             let attributes = event_info(&info);
@@ -436,10 +440,7 @@ async fn channel_attributes(
 ) -> Result<Value, ApiError> {
     let mut out = serde_json::Map::new();
     if attributes.contains(&"subscription_count") {
-        let count = node
-            .subscription_count(app, channel.as_str())
-            .await
-            .map_err(ApiError::Unavailable)?;
+        let count = node.subscription_count(app, channel.as_str()).await?;
         out.insert("subscription_count".into(), json!(count));
     }
     if attributes.contains(&"user_count") && channel.kind() == ChannelKind::Presence {
