@@ -224,12 +224,17 @@ impl Coordinator {
                 dispatcher,
                 stop.clone(),
             );
+            let mut consumer = Box::pin(consumer);
             tokio::select! {
-                _ = consumer => {}
+                _ = &mut consumer => {}
                 _ = leading.wait_for(|l| !*l) => {}
                 _ = shutdown.cancelled() => {}
             }
+            // Stop before the consumer (and with it the dispatcher's queue)
+            // goes: what it read stays pending for the next leader rather
+            // than being sent or acknowledged on the way out.
             stop.cancel();
+            drop(consumer);
             tasks.close();
             tasks.wait().await;
         }

@@ -299,6 +299,7 @@ impl Outbox {
                 return;
             }
             Wrote::Eof(n) => {
+                state.partial = unsent_of_frame(&state.pending, state.partial as usize, n) as u32;
                 state.pending.advance(n);
                 state.finished = true;
             }
@@ -306,6 +307,7 @@ impl Outbox {
                 // The peer is gone; the reader will see it and clean up.
                 state.finished = true;
                 state.pending.clear();
+                state.partial = 0;
             }
         }
         state.frames = 0;

@@ -66,7 +66,11 @@ impl Target {
         }
         Ok(Target {
             tls,
-            authority: uri.authority().map(|a| a.to_string()).unwrap_or_default(),
+            // The URL's host and port as written, without any user info.
+            authority: match uri.port() {
+                Some(p) => format!("{}:{}", uri.host().unwrap_or_default(), p.as_str()),
+                None => uri.host().unwrap_or_default().to_owned(),
+            },
             path: uri
                 .path_and_query()
                 .map(|p| p.as_str().to_owned())
@@ -164,6 +168,12 @@ mod tests {
         );
         let t = Target::parse("https://[::1]:8443/h").unwrap();
         assert_eq!((t.host.as_str(), t.port), ("::1", 8443));
+        assert_eq!(t.authority, "[::1]:8443");
+        let t = Target::parse("https://user:pw@hooks.example.com:8443/h").unwrap();
+        assert_eq!(
+            t.authority, "hooks.example.com:8443",
+            "no credentials in Host"
+        );
         assert!(Target::parse("ftp://x/").is_err());
         assert!(Target::parse("hooks.example.com/h").is_err());
     }

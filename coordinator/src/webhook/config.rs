@@ -85,6 +85,27 @@ pub struct WebhookApp {
     pub webhook_grace_ms: u64,
 }
 
+impl WebhookApp {
+    /// Whether this app's edge `name` on `channel` is to be queued: some URL
+    /// wants it, or, with a grace period, some URL wants the edge it undoes
+    /// (a `channel_occupied` is what cancels a held `channel_vacated`, so it
+    /// must reach the dispatcher even for a URL that wants only vacated).
+    pub fn wants(&self, name: &str, channel: &str) -> bool {
+        let wanted = |name: &str| self.webhooks.iter().any(|t| t.wants(name, channel));
+        if wanted(name) {
+            return true;
+        }
+        let partner = match name {
+            "channel_occupied" => "channel_vacated",
+            "channel_vacated" => "channel_occupied",
+            "member_added" => "member_removed",
+            "member_removed" => "member_added",
+            _ => return false,
+        };
+        self.webhook_grace_ms > 0 && wanted(partner)
+    }
+}
+
 /// Every app with webhooks, by id.
 #[derive(Debug, Clone, Default)]
 pub struct WebhookApps {
@@ -131,10 +152,7 @@ impl WebhookApps {
     /// nothing is queued for apps nobody listens to. The internal `#online`
     /// channel never produces webhooks.
     pub fn wants(&self, app: &str, name: &str, channel: &str) -> bool {
-        !channel.starts_with('#')
-            && self
-                .app(app)
-                .is_some_and(|a| a.webhooks.iter().any(|t| t.wants(name, channel)))
+        !channel.starts_with('#') && self.app(app).is_some_and(|a| a.wants(name, channel))
     }
 }
 
@@ -199,7 +217,8 @@ pub fn env_app(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<WebhookApp
     ) else {
         return Ok(None);
     };
-    let (webhooks, grace) = from_env(get)?;
+    // Laravel's `env()` words (`null`, `empty`) mean what they mean to the nodes.
+    let (webhooks, grace) = from_env(&value)?;
     Ok(Some(WebhookApp {
         id,
         key,
@@ -223,6 +242,7 @@ mod tests {
             key = "k"
             secret = "s"
             max_connections = 5
+            webhook_grace_ms = 0
             [[apps.webhooks]]
             url = "http://127.0.0.1:9/hook"
             event_types = ["channel_occupied"]
@@ -238,6 +258,28 @@ mod tests {
         assert!(!apps.wants("a", "channel_occupied", "public"));
         assert!(!apps.wants("a", "channel_vacated", "private-x"));
         assert!(!apps.wants("quiet", "channel_occupied", "private-x"));
+        assert!(!apps.wants("a", "channel_occupied", "#online"));
+    }
+
+    #[test]
+    fn with_a_grace_period_the_undoing_edge_is_queued_too() {
+        let apps = WebhookApps::from_toml(
+            r#"
+            [[apps]]
+            id = "a"
+            key = "k"
+            secret = "s"
+            [[apps.webhooks]]
+            url = "http://127.0.0.1:9/hook"
+            event_types = ["channel_vacated", "member_added"]
+            "#,
+        )
+        .unwrap();
+        // channel_occupied is what cancels a held channel_vacated; member_removed
+        // is held so that a quick return does not send member_added again.
+        assert!(apps.wants("a", "channel_occupied", "x"));
+        assert!(apps.wants("a", "member_removed", "presence-x"));
+        assert!(!apps.wants("a", "client_event", "x"));
         assert!(!apps.wants("a", "channel_occupied", "#online"));
     }
 

@@ -13,7 +13,7 @@
 //! in flight when the dispatcher stops is not acknowledged, so the next
 //! leader delivers it again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,9 @@ struct Queued {
 #[derive(Clone)]
 pub struct Dispatcher {
     tx: mpsc::Sender<Queued>,
+    /// What the apps' URLs want, so a single node's unwanted edges are not
+    /// queued (nodes in a cluster queue only wanted ones in the first place).
+    apps: Arc<WebhookApps>,
     /// Names jobs that come without a stream id (a single node's), so two
     /// batches of look-alike jobs (two users joining one channel) never share
     /// an `X-Belfry-Webhook-Id` that receivers deduplicate by.
@@ -108,9 +111,10 @@ impl Dispatcher {
         tracker: TaskTracker,
     ) -> Dispatcher {
         let (tx, rx) = mpsc::channel(options.queue.max(1));
-        tracker.spawn(batch(apps, options, rx, stop, tracker.clone()));
+        tracker.spawn(batch(apps.clone(), options, rx, stop, tracker.clone()));
         Dispatcher {
             tx,
+            apps,
             started_ms: crate::envelope::now_us() / 1000,
             sequence: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
@@ -131,6 +135,9 @@ impl Dispatcher {
 
 impl Sink for Dispatcher {
     fn send(&self, mut job: Job) {
+        if !self.apps.wants(&job.app, &job.name, &job.channel) {
+            return;
+        }
         if job.id.is_empty() {
             let n = self
                 .sequence
@@ -153,7 +160,8 @@ struct Batch {
 
 /// A `channel_vacated` or `member_removed` waiting out its app's grace period.
 struct Held {
-    release: tokio::time::Instant,
+    /// Its place in `Batcher::timeline`.
+    slot: (tokio::time::Instant, u64),
     queued: Queued,
 }
 
@@ -176,7 +184,7 @@ fn held_key(job: &Job) -> Option<(HeldKey, bool)> {
 }
 
 /// The batching task's state: open batches per app and URL, and the held
-/// leaves.
+/// leaves in the order they are due.
 struct Batcher {
     apps: Arc<WebhookApps>,
     options: DispatchOptions,
@@ -184,27 +192,39 @@ struct Batcher {
     tracker: TaskTracker,
     pending: HashMap<(String, usize), Batch>,
     held: HashMap<HeldKey, Held>,
+    /// Held leaves by (release, arrival): the next due is the first, and
+    /// leaves due together go out in the order they were decided.
+    timeline: BTreeMap<(tokio::time::Instant, u64), HeldKey>,
+    arrivals: u64,
 }
 
 impl Batcher {
     /// Debounces the pair Pusher debounces, then batches what is left.
     fn take(&mut self, queued: Queued) {
+        if queued.job.channel.starts_with('#') {
+            return;
+        }
         let Some(app) = self.apps.app(&queued.job.app) else {
             return;
         };
         let grace = Duration::from_millis(app.webhook_grace_ms);
         match held_key(&queued.job) {
             Some((key, true)) if !grace.is_zero() => {
-                let release = tokio::time::Instant::now() + grace;
+                self.arrivals += 1;
+                let slot = (tokio::time::Instant::now() + grace, self.arrivals);
+                self.timeline.insert(slot, key.clone());
                 // Two leaves in a row cannot come from one edge stream; keep both.
-                if let Some(earlier) = self.held.insert(key, Held { release, queued }) {
+                if let Some(earlier) = self.held.insert(key, Held { slot, queued }) {
+                    self.timeline.remove(&earlier.slot);
                     self.batch(earlier.queued);
                 }
             }
             Some((key, false)) if self.held.contains_key(&key) => {
                 // Back inside the window: neither edge happened for the app.
                 // Dropping both `Done`s acknowledges both stream entries.
-                self.held.remove(&key);
+                if let Some(h) = self.held.remove(&key) {
+                    self.timeline.remove(&h.slot);
+                }
                 metrics::counter!("belfry_webhook_debounced_total").increment(2);
             }
             _ => self.batch(queued),
@@ -249,28 +269,19 @@ impl Batcher {
     }
 
     fn next_deadline(&self) -> Option<tokio::time::Instant> {
-        let batches = self.pending.values().map(|b| b.deadline);
-        batches.chain(self.held.values().map(|h| h.release)).min()
+        let batches = self.pending.values().map(|b| b.deadline).min();
+        let held = self.timeline.keys().next().map(|(at, _)| *at);
+        batches.into_iter().chain(held).min()
     }
 
-    /// Sends the batches and releases the held leaves whose time has come.
+    /// Releases the held leaves whose time has come, then sends the batches
+    /// whose window closed.
     fn due(&mut self, now: tokio::time::Instant) {
-        self.release(|h| h.release <= now, |b| b.deadline <= now);
-    }
-
-    /// Sends everything, held or not.
-    fn flush(&mut self) {
-        self.release(|_| true, |_| true);
-    }
-
-    fn release(&mut self, held: impl Fn(&Held) -> bool, batch: impl Fn(&Batch) -> bool) {
-        let released: Vec<HeldKey> = self
-            .held
-            .iter()
-            .filter(|(_, h)| held(h))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in released {
+        while let Some(entry) = self.timeline.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let key = entry.remove();
             if let Some(h) = self.held.remove(&key) {
                 self.batch(h.queued);
             }
@@ -278,11 +289,34 @@ impl Batcher {
         let due: Vec<_> = self
             .pending
             .iter()
-            .filter(|(_, b)| batch(b))
+            .filter(|(_, b)| b.deadline <= now)
             .map(|(k, _)| k.clone())
             .collect();
         for key in due {
             self.send(&key);
+        }
+    }
+
+    /// The dispatcher is stopping. Jobs from the Redis stream stay
+    /// unacknowledged for the next leader, which holds and sends them
+    /// itself. Jobs with nothing behind them (a single node's) are sent now,
+    /// grace period or not: no one else will.
+    fn stopping(&mut self) {
+        let timeline = std::mem::take(&mut self.timeline);
+        for key in timeline.into_values() {
+            if let Some(h) = self.held.remove(&key) {
+                if h.queued.done.is_none() {
+                    self.batch(h.queued);
+                }
+            }
+        }
+        let keys: Vec<_> = self.pending.keys().cloned().collect();
+        for key in keys {
+            if self.pending.get(&key).is_some_and(|b| b.done.is_empty()) {
+                self.send(&key);
+            } else {
+                self.pending.remove(&key);
+            }
         }
     }
 }
@@ -301,16 +335,18 @@ async fn batch(
         tracker,
         pending: HashMap::new(),
         held: HashMap::new(),
+        timeline: BTreeMap::new(),
+        arrivals: 0,
     };
     loop {
         let next = batcher.next_deadline();
         tokio::select! {
-            _ = stop.cancelled() => return,
+            // Stop first: the queue also closes as the stream consumer goes.
+            biased;
+            _ = stop.cancelled() => return batcher.stopping(),
             queued = rx.recv() => {
                 let Some(queued) = queued else {
-                    // Every handle is gone: send what was taken, so that
-                    // nothing is acknowledged unsent.
-                    return batcher.flush();
+                    return batcher.stopping();
                 };
                 batcher.take(queued);
             }
@@ -339,7 +375,13 @@ async fn deliver(
     let started = Instant::now();
     let mut backoff = options.first_backoff;
     let mut attempt = 0u32;
+    // Jobs from the stream are the next leader's once this one stops; a
+    // single node's get one last attempt.
+    let durable = !batch.done.is_empty();
     loop {
+        if durable && stop.is_cancelled() {
+            return;
+        }
         attempt += 1;
         let time_ms = crate::envelope::now_us() / 1000;
         let body = format::body(time_ms, &batch.jobs);

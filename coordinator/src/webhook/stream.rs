@@ -297,10 +297,10 @@ pub async fn consume(
             let ack_tx = ack_tx.clone();
             let id = job.id.clone();
             let done = Done::new(stop.clone(), move || {
-                if ack_tx.try_send((id, slot)).is_err() {
-                    // Only once the consumer stopped: the entry stays pending.
-                    tracing::debug!("webhook acknowledgement after the consumer stopped");
-                }
+                // Never full (a slot per permit, and this holds one) and never
+                // closed (the acker runs while any sender lives); were it
+                // either, the entry would only stay pending for a re-delivery.
+                let _ = ack_tx.try_send((id, slot));
             });
             metrics::counter!("belfry_webhook_queued_total").increment(1);
             dispatcher.send_waiting(job, done).await;

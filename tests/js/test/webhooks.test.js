@@ -242,6 +242,25 @@ describe('webhooks (single node)', () => {
     assert.equal(h.metricValue(text, 'belfry_webhook_debounced_total'), 20, 'five reloads: two pairs of edges each, left out');
   });
 
+  it('grace period: a URL that wants only channel_vacated gets none for a reload, and a shutdown sends what is held', async () => {
+    const [r] = await nodeWithHooks([{ config: { event_types: ['channel_vacated'] } }], { webhook_grace_ms: 2000 });
+    const name = h.uniq('reload-');
+    let c = await h.rawClient(node);
+    await c.subscribe(name);
+    c.close();
+    await h.sleep(100);
+    c = await h.rawClient(node);
+    await c.subscribe(name);
+    await h.sleep(2600);
+    assert.equal(r.requests.length, 0, 'the reload was debounced, though this URL never wanted channel_occupied');
+    // SIGTERM closes the client; the node sends the held vacated before it exits, grace or not.
+    const stopping = Date.now();
+    await node.stop(10000);
+    node = null;
+    assert.deepEqual(r.events().map((e) => `${e.name} ${e.channel}`), [`channel_vacated ${name}`]);
+    assert.ok(r.events()[0].at - stopping < 2000 + 1500, 'sent at shutdown');
+  });
+
   it('an app without webhooks and a broken URL do not slow the sockets', async () => {
     // Nothing listens on this port: every POST fails; subscriptions still succeed at once.
     node = await h.startNode({ apps: [{ id: 'app1', webhooks: [{ url: 'http://127.0.0.1:9/hook' }] }] });

@@ -19,10 +19,10 @@ afterEach(async () => {
 // Exact edges: these tests check every transition, so no grace period unless a test sets one.
 const APP = { id: 'app1', key: 'app1-key', secret: 'app1-secret', webhook_grace_ms: 0 };
 
-async function hookedCluster(label, respond, extra = {}, appExtra = {}) {
+async function hookedCluster(label, respond, extra = {}, appExtra = {}, hook = {}) {
   receiver = await startReceiver(APP, { respond });
   cluster = await h.startCluster({
-    nodes: 2, coordinator: false, apps: [{ ...APP, ...appExtra, webhooks: [{ url: receiver.url }] }], ...extra,
+    nodes: 2, coordinator: false, apps: [{ ...APP, ...appExtra, webhooks: [{ url: receiver.url, ...hook }] }], ...extra,
   });
   cluster.label = label;
   const coordinator = await cluster.addCoordinator({ args: ['--config', cluster.nodes[0].configFile] });
@@ -225,5 +225,25 @@ describe('cluster: webhooks', () => {
     for (const e of receiver.events().filter((x) => x.channel === channel).slice(2)) {
       assert.ok(e.at - left >= grace - 50, `held for the grace period: ${e.at - left} ms`);
     }
+  });
+
+  it('grace period: a URL that wants only channel_vacated gets none when the channel moves between nodes', async () => {
+    const grace = 1000;
+    await hookedCluster('grace-filtered', undefined, {}, { webhook_grace_ms: grace }, { event_types: ['channel_vacated'] });
+    const [A, B] = cluster.nodes;
+    const name = h.uniq('moving-');
+    let c = await h.rawClient(A);
+    await c.subscribe(name);
+    for (let round = 0; round < 4; round++) {
+      c.close();
+      await h.sleep(20 + Math.floor(Math.random() * 150));
+      c = await h.rawClient(round % 2 ? A : B);
+      await c.subscribe(name);
+    }
+    await h.sleep(grace + 1500);
+    assert.equal(receiver.requests.length, 0, 'every move was debounced: the occupied edges reached the leader to cancel them');
+    c.close();
+    await h.eventually(() => names(name).length === 1, { timeout: grace + 8000, message: 'vacated once it stays empty' });
+    assert.deepEqual(names(name), ['channel_vacated']);
   });
 });
