@@ -425,8 +425,11 @@ impl Conn {
             }
         }
         if let Err(e) = self.node.subscription_added(app_id, name).await {
-            if presence.as_ref().is_some_and(|p| p.user_added) {
-                self.rollback_presence(name).await;
+            // This socket's presence entry goes whether or not its user was
+            // new: left behind, a second tab's entry would be refreshed for
+            // as long as the node lives and keep the user listed.
+            if let Some(p) = &presence {
+                self.rollback_presence(name, p.user_added).await;
             }
             self.node.hub.leave(app_id, name);
             return JoinOutcome::Unavailable(e.to_string());
@@ -476,15 +479,20 @@ impl Conn {
     }
 
     /// Undoes a presence join whose subscription could not complete.
-    async fn rollback_presence(&self, channel: &str) {
+    /// Unless `user_added` (then no one heard of the user yet), the others
+    /// knew the user from another tab: if that tab left meanwhile and this
+    /// socket was the last, they are told the user left.
+    async fn rollback_presence(&self, channel: &str, user_added: bool) {
+        let app_id = self.app.config.id.as_str();
         let socket = self.handle.socket_id.to_string();
-        if let Ok(Some(_)) = self
-            .node
-            .presence
-            .leave(&self.app.config.id, channel, &socket)
-            .await
-        {
+        if let Ok(Some(member)) = self.node.presence.leave(app_id, channel, &socket).await {
             self.app.metrics.presence_members.decrement(1.0);
+            if !user_added {
+                let envelope = Envelope::member_removed(app_id, channel, &member.user_id_json);
+                if let Err(e) = self.node.bus.publish(vec![envelope]).await {
+                    tracing::warn!(error = %e, "member_removed not published");
+                }
+            }
         }
     }
 
