@@ -128,16 +128,7 @@ pub fn client_messages(data: &[u8]) {
         for input in inputs {
             for action in session.on_text(&input, now) {
                 match action {
-                    Action::Send(frame) => {
-                        let v: serde_json::Value = serde_json::from_str(frame.as_str())
-                            .unwrap_or_else(|e| {
-                                panic!("sent a frame that is not JSON ({e}): {frame}")
-                            });
-                        assert!(
-                            v["event"].is_string(),
-                            "sent a frame without an event: {frame}"
-                        );
-                    }
+                    Action::Send(frame) => assert_readable(&frame),
                     // Every other subscription fails, as a full node would
                     // answer it, so both paths of the session are exercised;
                     // every answer must be a frame a client can read.
@@ -161,22 +152,23 @@ pub fn client_messages(data: &[u8]) {
                             Ok(done) => done.first,
                             Err(frame) => vec![frame],
                         };
-                        for frame in frames {
-                            let v: serde_json::Value = serde_json::from_str(frame.as_str())
-                                .unwrap_or_else(|e| {
-                                    panic!("a join frame is not JSON ({e}): {frame}")
-                                });
-                            assert!(
-                                v["event"].is_string(),
-                                "a join frame without an event: {frame}"
-                            );
-                        }
+                        frames.iter().for_each(assert_readable);
                     }
                     _ => {}
                 }
             }
         }
     }
+}
+
+/// A frame the session sends must be JSON with an `event`, or no client reads it.
+fn assert_readable(frame: &tokio_tungstenite::tungstenite::Utf8Bytes) {
+    let v: serde_json::Value = serde_json::from_str(frame.as_str())
+        .unwrap_or_else(|e| panic!("sent a frame that is not JSON ({e}): {frame}"));
+    assert!(
+        v["event"].is_string(),
+        "sent a frame without an event: {frame}"
+    );
 }
 
 /// Percent-encodes everything but unreserved characters, as the SDKs do.

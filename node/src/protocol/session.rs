@@ -287,27 +287,32 @@ impl Session {
         outcome: JoinOutcome,
     ) -> Result<Completion, Utf8Bytes> {
         let name = channel.as_str();
-        let (presence, cache) = match outcome {
-            JoinOutcome::Joined { presence, cache } => (presence, cache),
-            JoinOutcome::Full(max) => {
-                self.channels.remove(channel);
-                return Err(Encode::subscription_error(
-                    name,
-                    code::OVER_QUOTA,
-                    &format!("Presence channel is full ({max} members)"),
-                    403,
-                ));
+        let (code, status, message) = match outcome {
+            JoinOutcome::Joined { presence, cache } => {
+                return Ok(Self::completion(name, member, presence, cache))
             }
-            JoinOutcome::Unavailable(why) => {
-                self.channels.remove(channel);
-                return Err(Encode::subscription_error(
-                    name,
-                    code::OVER_CAPACITY,
-                    &format!("Subscription failed: {why}"),
-                    503,
-                ));
-            }
+            JoinOutcome::Full(max) => (
+                code::OVER_QUOTA,
+                403,
+                format!("Presence channel is full ({max} members)"),
+            ),
+            JoinOutcome::Unavailable(why) => (
+                code::OVER_CAPACITY,
+                503,
+                format!("Subscription failed: {why}"),
+            ),
         };
+        self.channels.remove(channel);
+        Err(Encode::subscription_error(name, code, &message, status))
+    }
+
+    /// The first frames of a subscription that is in place, and who to announce.
+    fn completion(
+        name: &str,
+        member: Option<PresenceMember>,
+        presence: Option<PresenceJoin>,
+        cache: Cache,
+    ) -> Completion {
         let mut first = Vec::with_capacity(2);
         let mut member_added = None;
         match presence {
@@ -343,11 +348,11 @@ impl Session {
             )),
             Cache::Miss => first.push(Encode::cache_miss(name)),
         }
-        Ok(Completion {
+        Completion {
             first,
             member_added,
             cache_miss,
-        })
+        }
     }
 
     /// Client events refused by the rate limit so far.
