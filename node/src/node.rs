@@ -138,20 +138,20 @@ impl Node {
             background.clone(),
         ));
         let ttl = Duration::from_secs(config.presence_ttl_secs);
+        let webhooks = webhook_apps(&config);
         let presence = Arc::new(RedisPresence::start(
             redis.clone(),
             keys.clone(),
             node_id.clone(),
             ttl,
-            webhook_apps(&config),
-            CancellationToken::new(),
+            webhooks.clone(),
+            stop.clone(),
         ));
         background.spawn(crate::leader_watch::run(
             redis.clone(),
             keys.clone(),
             stop.clone(),
         ));
-        let webhooks = webhook_apps(&config);
         let webhook_sink: Arc<dyn Sink> = Arc::new(StreamSink::new(
             redis.clone(),
             keys.clone(),

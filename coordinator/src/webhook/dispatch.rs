@@ -219,14 +219,15 @@ impl Batcher {
                     self.batch(earlier.queued);
                 }
             }
-            Some((key, false)) if self.held.contains_key(&key) => {
+            Some((key, false)) => match self.held.remove(&key) {
                 // Back inside the window: neither edge happened for the app.
                 // Dropping both `Done`s acknowledges both stream entries.
-                if let Some(h) = self.held.remove(&key) {
-                    self.timeline.remove(&h.slot);
+                Some(held) => {
+                    self.timeline.remove(&held.slot);
+                    metrics::counter!("belfry_webhook_debounced_total").increment(2);
                 }
-                metrics::counter!("belfry_webhook_debounced_total").increment(2);
-            }
+                None => self.batch(queued),
+            },
             _ => self.batch(queued),
         }
     }
@@ -237,7 +238,8 @@ impl Batcher {
             return;
         };
         for (i, target) in app.webhooks.iter().enumerate() {
-            if !target.wants(&job.name, &job.channel) || job.channel.starts_with('#') {
+            // `take` already left out the internal `#` channels.
+            if !target.wants(&job.name, &job.channel) {
                 continue;
             }
             let key = (job.app.clone(), i);
